@@ -1,0 +1,149 @@
+"""Every error pfbuild lets a user see, under one root.
+
+    PfbuildError                    root; carries a stable ``type`` and an exit code
+    ├── BadRequest                  the request or profile is refused; nothing was built
+    │   └── ProfileRefused          the profile asks for something pfbuild will not build
+    ├── EngineUnavailable           no Docker engine answers (or it failed outside a build)
+    ├── BuildFailed                 the image build failed; carries a failure class and log
+    ├── QueueUnavailable            the broker / result backend cannot be reached
+    ├── JobTimeout                  waiting for a job took longer than asked
+    └── JobCancelled                the job was revoked before it finished
+
+Each error turns into an :class:`~pfbuild.client.models.ErrorInfo` (``to_info``) to cross a
+process boundary as JSON, and back (``from_info``), so a client re-raises the worker's
+error with its type, message and failure class intact: never a traceback string.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pfbuild.client.models import ErrorInfo, FailureInfo
+
+__all__ = [
+    "BadRequest",
+    "BuildFailed",
+    "EngineUnavailable",
+    "ExitCode",
+    "JobCancelled",
+    "JobTimeout",
+    "PfbuildError",
+    "ProfileRefused",
+    "QueueUnavailable",
+]
+
+
+class ExitCode:
+    """Named exit codes of the ``pfbuild`` command line."""
+
+    OK = 0
+    INTERNAL = 1
+    BAD_REQUEST = 2
+    BUILD_FAILED = 3
+    ENGINE_UNAVAILABLE = 4
+    QUEUE_UNAVAILABLE = 5
+    TIMEOUT = 6
+    CANCELLED = 7
+
+
+class PfbuildError(Exception):
+    """Root of every error pfbuild raises on purpose."""
+
+    type: ClassVar[str] = "pfbuild_error"
+    exit_code: ClassVar[int] = ExitCode.INTERNAL
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        failure: FailureInfo | None = None,
+        build_log_path: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.failure = failure
+        self.build_log_path = build_log_path
+        self.details = details or {}
+
+    def to_info(self) -> ErrorInfo:
+        return ErrorInfo(
+            type=self.type,
+            message=self.message,
+            failure=self.failure,
+            build_log_path=self.build_log_path,
+            details=self.details,
+        )
+
+    @staticmethod
+    def from_info(info: ErrorInfo) -> PfbuildError:
+        cls = _BY_TYPE.get(info.type, PfbuildError)
+        return cls(
+            info.message,
+            failure=info.failure,
+            build_log_path=info.build_log_path,
+            details=info.details,
+        )
+
+
+class BadRequest(PfbuildError):
+    """The request or its profile is invalid; nothing was built or written."""
+
+    type = "bad_request"
+    exit_code = ExitCode.BAD_REQUEST
+
+
+class ProfileRefused(BadRequest):
+    """The profile is valid JSON but asks for something pfbuild refuses to build."""
+
+    type = "profile_refused"
+
+
+class EngineUnavailable(PfbuildError):
+    """The Docker engine cannot be reached, or failed outside of the build itself."""
+
+    type = "engine_unavailable"
+    exit_code = ExitCode.ENGINE_UNAVAILABLE
+
+
+class BuildFailed(PfbuildError):
+    """The image build failed on every variant tried; see ``failure`` and the log."""
+
+    type = "build_failed"
+    exit_code = ExitCode.BUILD_FAILED
+
+
+class QueueUnavailable(PfbuildError):
+    """The broker or result backend cannot be reached."""
+
+    type = "queue_unavailable"
+    exit_code = ExitCode.QUEUE_UNAVAILABLE
+
+
+class JobTimeout(PfbuildError):
+    """The job did not finish within the time the caller was willing to wait."""
+
+    type = "timeout"
+    exit_code = ExitCode.TIMEOUT
+
+
+class JobCancelled(PfbuildError):
+    """The job was cancelled before it finished."""
+
+    type = "cancelled"
+    exit_code = ExitCode.CANCELLED
+
+
+_BY_TYPE: dict[str, type[PfbuildError]] = {
+    cls.type: cls
+    for cls in (
+        PfbuildError,
+        BadRequest,
+        ProfileRefused,
+        EngineUnavailable,
+        BuildFailed,
+        QueueUnavailable,
+        JobTimeout,
+        JobCancelled,
+    )
+}

@@ -1,0 +1,160 @@
+"""The contract: every message that crosses a process boundary, as pydantic models.
+
+The request and answer keep the seed builder's fields (``repo_dir``, ``profile_path``,
+``image_cache_dir``, ``force_rebuild`` in; ``image_tag``, ``profile_id``, ``reused_cache``,
+``build_log_path`` out) and add to them; nothing here imports the docker SDK, so agents
+can install the client thin.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "Actionability",
+    "Attempt",
+    "BuildAnswer",
+    "BuildRequest",
+    "CacheSource",
+    "ErrorInfo",
+    "FailureClass",
+    "FailureInfo",
+    "Manifest",
+    "TarballInfo",
+    "Timings",
+]
+
+CacheSource = Literal["local", "tarball", "built"]
+
+
+class FailureClass(str, Enum):
+    """Why a build failed, read from its log (SPEC §4)."""
+
+    MISSING_INSTALL_MECHANISM = "missing_install_mechanism"
+    INVALID_REQUIREMENT = "invalid_requirement"
+    PLATFORM_INCOMPATIBLE_DEPENDENCY = "platform_incompatible_dependency"
+    APT_FAILURE = "apt_failure"
+    BUILD_FAILURE = "build_failure"
+
+
+class Actionability(str, Enum):
+    """Who can fix a failure: the infrastructure, or the dataset's metadata."""
+
+    INFRA_ISSUE = "infra_issue"
+    DATASET_METADATA_ISSUE = "dataset_metadata_issue"
+
+
+class FailureInfo(BaseModel):
+    """A classified build failure."""
+
+    failure_class: FailureClass
+    actionability: Actionability
+    remediation: str
+    retry_on_policy_change: bool
+    evidence: str = ""
+
+
+class ErrorInfo(BaseModel):
+    """A structured error, as sent over JSON in place of a traceback."""
+
+    type: str
+    message: str
+    failure: FailureInfo | None = None
+    build_log_path: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class BuildRequest(BaseModel):
+    """One build request (the seed's stdin object, plus an inline ``profile``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    repo_dir: str = Field(min_length=1)
+    profile_path: str | None = None
+    profile: dict[str, Any] | None = None
+    image_cache_dir: str | None = None
+    force_rebuild: bool = False
+
+    @model_validator(mode="after")
+    def _one_profile_source(self) -> BuildRequest:
+        if self.profile is None and self.profile_path is None:
+            raise ValueError("give either 'profile_path' or an inline 'profile'")
+        if self.profile is not None and self.profile_path is not None:
+            raise ValueError("give 'profile_path' or 'profile', not both")
+        return self
+
+
+class Attempt(BaseModel):
+    """One build attempt with one Dockerfile variant."""
+
+    variant: str
+    ok: bool
+    seconds: float
+    failure: FailureInfo | None = None
+    dockerfile_path: str
+
+
+class Timings(BaseModel):
+    """Seconds spent in each stage; stages that did not run stay at 0."""
+
+    queue_wait: float = 0.0
+    lock_wait: float = 0.0
+    render: float = 0.0
+    cache_check: float = 0.0
+    load: float = 0.0
+    build: float = 0.0
+    save: float = 0.0
+    total: float = 0.0
+
+
+class TarballInfo(BaseModel):
+    """The tarball the image was loaded from or saved to."""
+
+    path: str
+    sha256: str | None = None
+    size: int
+    compression: Literal["zstd", "gzip", "none"]
+
+
+class Manifest(BaseModel):
+    """What ``manifest.json`` records about one image."""
+
+    schema_version: int = 1
+    profile_id: str
+    image_tag: str
+    image_id: str
+    build_variant: str
+    python_version: str
+    base_image: str
+    dockerfile_sha256: str
+    cache_source: CacheSource
+    force_rebuild: bool
+    attempts: list[Attempt]
+    tarball: TarballInfo | None = None
+    worker: str
+    docker_host: str
+    created_at: str
+    pfbuild_version: str
+    events: list[str] = Field(default_factory=list)
+
+
+class BuildAnswer(BaseModel):
+    """The answer to a build request: the seed's fields plus where and how it was made."""
+
+    image_tag: str
+    profile_id: str
+    reused_cache: bool
+    build_log_path: str
+    cache_source: CacheSource
+    image_id: str
+    build_variant: str
+    manifest: Manifest
+    manifest_path: str
+    dockerfile_path: str
+    timings: Timings
+    worker: str
+    docker_host: str
+    attempts: list[Attempt]

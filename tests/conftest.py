@@ -1,0 +1,69 @@
+"""Shared fixtures: a real Docker engine, a real redis-server, sample repos.
+
+A test that needs a real service skips when it is missing on a developer's machine, but
+fails under ``CI=true``: CI must never pass by skipping the proof that a stage works.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pfbuild.client.settings import Settings
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+BASE_IMAGE = "python:3.11-slim"
+
+
+def missing(what: str) -> None:
+    """Skip locally, fail in CI."""
+    if IN_CI:
+        pytest.fail(f"{what} is required under CI=true", pytrace=False)
+    pytest.skip(f"{what} is not available")
+
+
+@pytest.fixture(scope="session")
+def docker_engine():  # type: ignore[no-untyped-def]
+    from pfbuild.client.errors import EngineUnavailable
+    from pfbuild.worker.engine import DockerEngine
+
+    try:
+        engine = DockerEngine(Settings().docker_host_name(), timeout=600)
+    except EngineUnavailable:
+        missing("a Docker engine")
+    if engine.inspect(BASE_IMAGE) is None:
+        missing(f"the base image {BASE_IMAGE} (run `pfbuild base-image`)")
+    return engine
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(tmp_dir=tmp_path / "pf-tmp", host_id="test-host")
+
+
+@pytest.fixture
+def unique_tag() -> str:
+    """A profile id no other test (or earlier run) uses."""
+    return f"pftest-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def hello_repo(tmp_path: Path) -> Path:
+    """A copy of the example repository, safe to write into."""
+    dest = tmp_path / "hello"
+    shutil.copytree(Path(__file__).parent.parent / "examples" / "hello", dest)
+    return dest
+
+
+@pytest.fixture
+def cleanup_images(docker_engine) -> Iterator[list[str]]:  # type: ignore[no-untyped-def]
+    """Tags appended here are removed after the test."""
+    tags: list[str] = []
+    yield tags
+    for tag in tags:
+        docker_engine.remove(tag)

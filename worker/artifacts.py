@@ -1,0 +1,103 @@
+"""Files that are never seen half-written: write to a temporary sibling, fsync, rename.
+
+Also where each profile's artifacts live: ``{repo_dir}/.pf_manifest/image_build/{profile_id}/``,
+so two profiles built from one repo never share (or overwrite) a Dockerfile, log or manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+__all__ = [
+    "HashingWriter",
+    "artifact_dir",
+    "atomic_file",
+    "atomic_write_text",
+    "locked_json_update",
+]
+
+T = TypeVar("T")
+
+
+def artifact_dir(repo_dir: str | Path, profile_id: str) -> Path:
+    return Path(repo_dir) / ".pf_manifest" / "image_build" / profile_id
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
+    """Yield a binary file that appears at ``path`` whole, or not at all."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_file(path) as fh:
+        fh.write(text.encode("utf-8"))
+
+
+def locked_json_update(path: str | Path, update: Callable[[dict[str, Any]], T]) -> T:
+    """Read-modify-write a JSON object under an exclusive ``flock``, then replace atomically.
+
+    Two processes updating the same file serialise on ``{path}.lock``; a reader without
+    the lock still sees either the old or the new file, never a torn one.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            data = json.loads(target.read_text(encoding="utf-8")) if target.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = {}  # a hand-damaged file is replaced rather than blocking every build
+        if not isinstance(data, dict):
+            data = {}
+        result = update(data)
+        atomic_write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        return result
+
+
+class HashingWriter(io.RawIOBase):
+    """Writes through to ``target`` while hashing (sha256) and counting the bytes."""
+
+    def __init__(self, target: IO[bytes]) -> None:
+        self.target = target
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.size += view.nbytes
+        self.target.write(view)
+        return view.nbytes

@@ -1,0 +1,155 @@
+"""The tarball cache: ``{cache_dir}/{profile_id}.tar[.zst]``, streamed both ways.
+
+Saving streams ``docker save`` through zstd into a temporary file, fsyncs it, records its
+sha256 in a ``.sha256`` sidecar and renames it into place: a reader never sees a partial
+tarball. Loading streams the file (decompressing zstd on the way, since engines before 23
+refuse zstd in ``docker load``) into the engine in bounded memory, checking the sha256 as
+the bytes pass. Tarballs written by other tools (``{profile_id}.tar``, plain or gzip) are
+read too. A tarball that fails its checksum or its load is moved to ``quarantine/`` and
+the build goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Literal
+
+import zstandard
+
+from pfbuild.client.models import TarballInfo
+from pfbuild.worker.artifacts import HashingWriter, atomic_file, atomic_write_text
+from pfbuild.worker.engine import Engine, LoadFailed
+
+__all__ = ["TarballRejected", "find_tarball", "load_tarball", "quarantine", "save_tarball"]
+
+log = logging.getLogger(__name__)
+
+Compression = Literal["zstd", "gzip", "none"]
+_CHUNK = 1024 * 1024
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class TarballRejected(Exception):
+    """A cached tarball failed its checksum or its load; it has been quarantined."""
+
+    def __init__(self, reason: str, moved_to: Path | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.moved_to = moved_to
+
+
+def find_tarball(cache_dir: Path, profile_id: str) -> Path | None:
+    """Ours (``.tar.zst``) first, then a ``.tar`` another tool may have left."""
+    for name in (f"{profile_id}.tar.zst", f"{profile_id}.tar"):
+        path = cache_dir / name
+        if path.is_file():
+            return path
+    return None
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _sniff(path: Path) -> Compression:
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith(_ZSTD_MAGIC):
+        return "zstd"
+    if head.startswith(_GZIP_MAGIC):
+        return "gzip"
+    return "none"
+
+
+def quarantine(path: Path, reason: str) -> Path:
+    """Move a bad tarball (and its sidecar) aside so that no later run trips on it."""
+    qdir = path.parent / "quarantine"
+    qdir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = qdir / f"{path.name}.{stamp}.{os.getpid()}"
+    os.replace(path, dest)
+    side = _sidecar(path)
+    if side.exists():
+        os.replace(side, dest.with_name(dest.name + ".sha256"))
+    log.warning("quarantined tarball %s -> %s: %s", path, dest, reason)
+    return dest
+
+
+class _HashingReader:
+    """A read()-able file that hashes what passes through it."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh = fh
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.digest.update(data)
+        return data
+
+
+def _stream(reader: _HashingReader, compression: Compression) -> Iterator[bytes]:
+    if compression == "zstd":
+        yield from zstandard.ZstdDecompressor().read_to_iter(
+            reader, read_size=_CHUNK, write_size=_CHUNK
+        )
+    else:
+        # plain and gzip tars go to the engine as they are: it decompresses gzip itself
+        while chunk := reader.read(_CHUNK):
+            yield chunk
+    while reader.read(_CHUNK):  # hash any trailing bytes the decoder did not need
+        pass
+
+
+def load_tarball(engine: Engine, path: Path, tag: str) -> TarballInfo:
+    """Stream ``path`` into ``engine`` and check that it yielded ``tag`` intact.
+
+    Raises :class:`TarballRejected` (after quarantining the file and untagging whatever
+    it loaded) when the checksum, the load or the tag is wrong.
+    """
+    side = _sidecar(path)
+    expected = side.read_text().split()[0] if side.exists() else None
+    compression = _sniff(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        reader = _HashingReader(fh)
+        try:
+            engine.load(_stream(reader, compression))
+        except (LoadFailed, zstandard.ZstdError) as exc:
+            raise TarballRejected(
+                f"engine refused the tarball: {exc}", quarantine(path, str(exc))
+            ) from None
+    actual = reader.digest.hexdigest()
+    problem = None
+    if expected is not None and actual != expected:
+        problem = f"sha256 mismatch: sidecar says {expected}, file is {actual}"
+    elif engine.inspect(tag) is None:
+        problem = f"the tarball does not hold {tag}"
+    if problem:
+        engine.remove(tag)
+        raise TarballRejected(problem, quarantine(path, problem))
+    return TarballInfo(path=str(path), sha256=actual, size=size, compression=compression)
+
+
+def save_tarball(
+    engine: Engine, tag: str, cache_dir: Path, profile_id: str, *, level: int, threads: int
+) -> TarballInfo:
+    """Save ``tag`` as ``{profile_id}.tar.zst`` atomically, with a sha256 sidecar."""
+    path = cache_dir / f"{profile_id}.tar.zst"
+    compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+    with atomic_file(path) as fh:
+        hashing = HashingWriter(fh)
+        with compressor.stream_writer(hashing, closefd=False) as zw:
+            for chunk in engine.save(tag):
+                zw.write(chunk)
+        digest, size = hashing.digest.hexdigest(), hashing.size
+        # The sidecar lands first: the tarball's rename (on leaving this block) is the
+        # commit point, and a run under the same profile lock never reads in between.
+        atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")
+    return TarballInfo(path=str(path), sha256=digest, size=size, compression="zstd")

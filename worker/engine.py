@@ -1,0 +1,189 @@
+"""The Docker engine, behind the small interface the pipeline needs.
+
+:class:`DockerEngine` uses the docker SDK's low-level ``APIClient`` (the calls map one to
+one onto the engine's API, and stream); tests put a fake behind the same
+:class:`Engine` protocol to inject faults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any, Protocol
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from pfbuild.client.errors import EngineUnavailable
+
+__all__ = ["BuildOutcome", "DockerEngine", "Engine", "ImageInfo", "LoadFailed", "parse_step"]
+
+_STEP_RE = re.compile(r"^Step (\d+)/(\d+) :")
+
+
+def parse_step(line: str) -> tuple[int, int] | None:
+    """``(i, n)`` from a classic-builder ``Step i/n :`` line, else None."""
+    found = _STEP_RE.match(line)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+class LoadFailed(Exception):
+    """The engine refused a tarball (internal to the cache stage)."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    id: str
+    labels: dict[str, str]
+
+
+@dataclass
+class BuildOutcome:
+    ok: bool
+    image_id: str | None
+    error: str | None
+
+
+class Engine(Protocol):
+    """What the pipeline asks of a Docker engine."""
+
+    host: str
+
+    def inspect(self, tag: str) -> ImageInfo | None:
+        """The image behind ``tag``, or None when this engine does not hold it."""
+
+    def build(
+        self,
+        context: IO[bytes],
+        *,
+        tag: str,
+        dockerfile: str,
+        cache_from: list[str],
+        nocache: bool,
+        labels: dict[str, str],
+        on_line: Callable[[str], None],
+    ) -> BuildOutcome:
+        """Build ``context``; every log line goes to ``on_line`` as it arrives."""
+
+    def save(self, tag: str) -> Iterator[bytes]:
+        """Stream ``tag`` out as an (uncompressed) image tarball."""
+
+    def load(self, data: Iterable[bytes] | IO[bytes]) -> list[str]:
+        """Stream a plain or gzip tarball in; returns what the engine reported loading."""
+
+    def remove(self, tag: str) -> None:
+        """Untag ``tag`` (and drop its layers if no other tag holds them)."""
+
+
+_UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+
+
+class DockerEngine:
+    """A real engine at ``base_url`` (``DOCKER_HOST`` syntax)."""
+
+    def __init__(self, base_url: str, *, timeout: int = 600) -> None:
+        self.host = base_url
+        try:
+            self.api = docker.APIClient(base_url=base_url, timeout=timeout, version="auto")
+        except (docker.errors.DockerException, *_UNREACHABLE) as exc:
+            raise EngineUnavailable(
+                f"cannot reach the Docker engine at {base_url}: {exc}. "
+                "Start dockerd or point DOCKER_HOST at a running engine."
+            ) from None
+
+    def inspect(self, tag: str) -> ImageInfo | None:
+        try:
+            info: dict[str, Any] = self.api.inspect_image(tag)
+        except docker.errors.ImageNotFound:
+            return None
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(
+                f"Docker engine at {self.host} stopped answering: {exc}"
+            ) from None
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        return ImageInfo(id=str(info["Id"]), labels={str(k): str(v) for k, v in labels.items()})
+
+    def build(
+        self,
+        context: IO[bytes],
+        *,
+        tag: str,
+        dockerfile: str,
+        cache_from: list[str],
+        nocache: bool,
+        labels: dict[str, str],
+        on_line: Callable[[str], None],
+    ) -> BuildOutcome:
+        pending = ""
+        error: str | None = None
+        image_id: str | None = None
+        try:
+            stream = self.api.build(
+                fileobj=context,
+                custom_context=True,
+                tag=tag,
+                dockerfile=dockerfile,
+                cache_from=cache_from or None,
+                nocache=nocache,
+                labels=labels,
+                rm=True,
+                forcerm=True,
+                decode=True,
+            )
+            for item in stream:
+                if "stream" in item:
+                    pending += str(item["stream"])
+                    *lines, pending = pending.split("\n")
+                    for line in lines:
+                        on_line(line)
+                elif "error" in item:
+                    error = str(item["error"]).strip()
+                    on_line(f"ERROR: {error}")
+                elif isinstance(item.get("aux"), dict) and "ID" in item["aux"]:
+                    image_id = str(item["aux"]["ID"])
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(
+                f"Docker engine at {self.host} failed mid-build: {exc}"
+            ) from None
+        except docker.errors.APIError as exc:
+            error = f"engine refused the build: {exc.explanation or exc}"
+            on_line(f"ERROR: {error}")
+        if pending:
+            on_line(pending)
+        if error is None:
+            built = self.inspect(tag)
+            image_id = built.id if built else None
+            if image_id is None:
+                error = "the engine reported success but the image tag is missing"
+        return BuildOutcome(ok=error is None, image_id=image_id, error=error)
+
+    def save(self, tag: str) -> Iterator[bytes]:
+        try:
+            yield from self.api.get_image(tag)
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(
+                f"Docker engine at {self.host} failed during save: {exc}"
+            ) from None
+
+    def load(self, data: Iterable[bytes] | IO[bytes]) -> list[str]:
+        loaded: list[str] = []
+        try:
+            for item in self.api.load_image(data):
+                if "error" in item:
+                    raise LoadFailed(str(item["error"]).strip())
+                if "stream" in item:
+                    loaded.append(str(item["stream"]).strip())
+        except docker.errors.APIError as exc:
+            raise LoadFailed(str(exc.explanation or exc)) from None
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(
+                f"Docker engine at {self.host} failed during load: {exc}"
+            ) from None
+        return loaded
+
+    def remove(self, tag: str) -> None:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            self.api.remove_image(tag, force=True)

@@ -1,0 +1,373 @@
+"""One request, start to answer: render → check image → load tarball → build → save → manifest.
+
+Each stage lives in its own module; this one only calls them in order, times them,
+reports progress through a callback, and writes the artifacts of SPEC §4 under
+``{repo_dir}/.pf_manifest/image_build/{profile_id}/``. The queue's task (and the
+``pfbuild build`` command) are thin shells around :func:`run_build`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import IO, Any
+
+from pfbuild.client.errors import BadRequest, BuildFailed, PfbuildError
+from pfbuild.client.models import (
+    Attempt,
+    BuildAnswer,
+    BuildRequest,
+    CacheSource,
+    Manifest,
+    TarballInfo,
+    Timings,
+)
+from pfbuild.client.profile import Profile, load_profile_file, parse_profile
+from pfbuild.client.settings import Settings
+from pfbuild.worker import cache, failures
+from pfbuild.worker.artifacts import artifact_dir, atomic_file, atomic_write_text
+from pfbuild.worker.context import DOCKERFILE_IN_CONTEXT, make_context
+from pfbuild.worker.engine import BuildOutcome, Engine, parse_step
+from pfbuild.worker.render import VARIANTS, Variant, dockerfile_name, render
+
+__all__ = ["Progress", "ResolvedRequest", "resolve_request", "run_build"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[..., None]
+"""``progress(stage, **info)``: stage names are those of SPEC §5 (``rendering``,
+``checking_cache``, ``loading_tarball``, ``building``, ``saving_tarball``); ``building``
+also carries ``step``/``steps``/``line`` as log lines arrive."""
+
+# A failed step is at the end of the log; classifying its tail keeps memory bounded.
+_LOG_TAIL_LINES = 20_000
+LABEL_PROFILE = "org.pfbuild.profile_id"
+LABEL_VARIANT = "org.pfbuild.variant"
+LABEL_DOCKERFILE = "org.pfbuild.dockerfile_sha256"
+
+
+def _no_progress(stage: str, **info: Any) -> None:
+    pass
+
+
+def _pfbuild_version() -> str:
+    try:
+        return version("pfbuild")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request whose paths and profile have been checked."""
+
+    request: BuildRequest
+    profile: Profile
+    repo_dir: Path
+    cache_dir: Path
+
+    @property
+    def artifacts(self) -> Path:
+        return artifact_dir(self.repo_dir, self.profile.profile_id)
+
+
+def _under(path: Path, roots: list[Path]) -> bool:
+    return any(path == r.resolve() or path.is_relative_to(r.resolve()) for r in roots)
+
+
+def resolve_request(request: BuildRequest, settings: Settings) -> ResolvedRequest:
+    """Check paths (existence, allowed roots) and the profile; raise BadRequest if wrong."""
+    repo = Path(request.repo_dir).resolve()
+    if not repo.exists():
+        raise BadRequest(f"repo_dir {request.repo_dir!r} does not exist")
+    if not repo.is_dir():
+        raise BadRequest(f"repo_dir {request.repo_dir!r} is not a directory")
+    roots = settings.allowed_roots
+    if roots and not _under(repo, roots):
+        raise BadRequest(
+            f"repo_dir {request.repo_dir!r} is outside the worker's allowed roots "
+            f"({', '.join(str(r) for r in roots)})"
+        )
+    if request.profile is not None:
+        profile = parse_profile(request.profile, source="profile")
+    else:
+        assert request.profile_path is not None
+        ppath = Path(request.profile_path).resolve()
+        if roots and not _under(ppath, roots):
+            raise BadRequest(f"profile_path {request.profile_path!r} is outside the allowed roots")
+        profile = parse_profile(load_profile_file(ppath), source=str(ppath))
+    if request.image_cache_dir:
+        cache_dir = Path(request.image_cache_dir).resolve()
+        allowed = [*roots, *([settings.tmp_dir] if settings.tmp_dir else [])]
+        if roots and not _under(cache_dir, allowed):
+            raise BadRequest(
+                f"image_cache_dir {request.image_cache_dir!r} is outside the allowed roots"
+            )
+        if cache_dir.exists() and not cache_dir.is_dir():
+            raise BadRequest(f"image_cache_dir {request.image_cache_dir!r} is not a directory")
+    elif settings.tmp_dir:
+        cache_dir = settings.tmp_dir.resolve() / "image-cache"
+    else:
+        cache_dir = repo / ".tmp-test" / "image-cache"
+    return ResolvedRequest(request, profile, repo, cache_dir)
+
+
+@dataclass
+class _Run:
+    """Mutable state of one pipeline run."""
+
+    job: ResolvedRequest
+    settings: Settings
+    engine: Engine
+    progress: Progress
+    worker: str
+    timings: Timings = field(default_factory=Timings)
+    attempts: list[Attempt] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def tag(self) -> str:
+        return self.settings.image_tag(self.job.profile.profile_id)
+
+    @contextmanager
+    def stage(self, name: str, timing: str) -> Iterator[None]:
+        self.progress(name)
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            setattr(self.timings, timing, getattr(self.timings, timing) + time.monotonic() - start)
+
+    def dockerfile(self, variant: Variant) -> tuple[Path, str]:
+        profile = self.job.profile
+        text = render(
+            profile,
+            variant,
+            base_image=self.settings.base_image(profile.python_version),
+            archive_url=self.settings.debian_archive_url,
+        )
+        path = self.job.artifacts / dockerfile_name(variant)
+        atomic_write_text(path, text)
+        return path, text
+
+
+def run_build(
+    request: BuildRequest,
+    settings: Settings,
+    engine: Engine,
+    *,
+    progress: Progress = _no_progress,
+    worker: str | None = None,
+) -> BuildAnswer:
+    """Run the whole pipeline for one request and return its answer.
+
+    Raises :class:`BadRequest` before touching anything, :class:`BuildFailed` when every
+    variant tried failed (the log and ``unsupported_registry.json`` are written first),
+    and :class:`EngineUnavailable` when the engine stops answering.
+    """
+    started = time.monotonic()
+    job = resolve_request(request, settings)
+    run = _Run(job, settings, engine, progress, worker or f"{settings.host_id}:{os.getpid()}")
+
+    with run.stage("rendering", "render"):
+        dockerfile_path, _ = run.dockerfile(VARIANTS["standard"])
+
+    source: CacheSource | None = None
+    tarball: TarballInfo | None = None
+    image = None
+    with run.stage("checking_cache", "cache_check"):
+        if not request.force_rebuild:
+            image = engine.inspect(run.tag)
+            source = "local" if image else None
+    if source is None and not request.force_rebuild:
+        found = cache.find_tarball(job.cache_dir, job.profile.profile_id)
+        if found is not None:
+            with run.stage("loading_tarball", "load"):
+                try:
+                    tarball = cache.load_tarball(engine, found, run.tag)
+                    image = engine.inspect(run.tag)
+                    source = "tarball"
+                except cache.TarballRejected as exc:
+                    run.events.append(
+                        f"tarball {found} rejected ({exc.reason}); moved to "
+                        f"{exc.moved_to}; building instead"
+                    )
+    log_path = job.artifacts / "build.log"
+    if source is None:
+        with run.stage("building", "build"):
+            variant = _build_with_ladder(run, log_path)
+        image = engine.inspect(run.tag)
+        source = "built"
+        with run.stage("saving_tarball", "save"):
+            tarball = cache.save_tarball(
+                engine,
+                run.tag,
+                job.cache_dir,
+                job.profile.profile_id,
+                level=settings.zstd_level,
+                threads=settings.zstd_threads,
+            )
+    if image is None:
+        raise PfbuildError(f"{run.tag} vanished from the engine right after it was made")
+    variant_name = image.labels.get(LABEL_VARIANT, "standard")
+    if variant_name not in VARIANTS:
+        variant_name = "standard"
+    if source != "built":
+        variant = VARIANTS[variant_name]
+        if not log_path.exists():
+            atomic_write_text(
+                log_path,
+                f"{run.tag} reused from the {source} cache; no build ran for this profile here.\n",
+            )
+    dockerfile_path, text = run.dockerfile(variant)
+    run.timings.total = time.monotonic() - started
+    manifest = Manifest(
+        profile_id=job.profile.profile_id,
+        image_tag=run.tag,
+        image_id=image.id,
+        build_variant=variant.name,
+        python_version=job.profile.python_version,
+        base_image=settings.base_image(job.profile.python_version),
+        dockerfile_sha256=hashlib.sha256(text.encode()).hexdigest(),
+        cache_source=source,
+        force_rebuild=request.force_rebuild,
+        attempts=run.attempts,
+        tarball=tarball,
+        worker=run.worker,
+        docker_host=settings.host_id,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        pfbuild_version=_pfbuild_version(),
+        events=run.events,
+    )
+    manifest_path = job.artifacts / "manifest.json"
+    atomic_write_text(manifest_path, json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return BuildAnswer(
+        image_tag=run.tag,
+        profile_id=job.profile.profile_id,
+        reused_cache=source != "built",
+        build_log_path=str(log_path),
+        cache_source=source,
+        image_id=image.id,
+        build_variant=variant.name,
+        manifest=manifest,
+        manifest_path=str(manifest_path),
+        dockerfile_path=str(dockerfile_path),
+        timings=run.timings,
+        worker=run.worker,
+        docker_host=settings.host_id,
+        attempts=run.attempts,
+    )
+
+
+def _build_with_ladder(run: _Run, log_path: Path) -> Variant:
+    """Build, climbing the retry ladder; the whole log lands atomically at ``log_path``."""
+    job, profile = run.job, run.job.profile
+    variant = VARIANTS["standard"]
+    with atomic_file(log_path) as log_file:
+        while True:
+            dockerfile_path, text = run.dockerfile(variant)
+            _log(log_file, f"=== pfbuild: building {run.tag} as variant '{variant.name}'")
+            started = time.monotonic()
+            lines: deque[str] = deque(maxlen=_LOG_TAIL_LINES)
+            outcome = _one_build(run, variant, text, log_file, lines)
+            seconds = round(time.monotonic() - started, 3)
+            if outcome.ok:
+                run.attempts.append(
+                    Attempt(
+                        variant=variant.name,
+                        ok=True,
+                        seconds=seconds,
+                        dockerfile_path=str(dockerfile_path),
+                    )
+                )
+                return variant
+            log_text = "\n".join(lines)
+            failure = failures.classify(log_text)
+            run.attempts.append(
+                Attempt(
+                    variant=variant.name,
+                    ok=False,
+                    seconds=seconds,
+                    failure=failure,
+                    dockerfile_path=str(dockerfile_path),
+                )
+            )
+            nxt = failures.next_variant(
+                variant,
+                failures.read_symptoms(log_text),
+                python_version=profile.python_version,
+                allow_unauth=profile.allow_unauthenticated_apt,
+                unauth_max_python=run.settings.unauth_apt_max_python,
+            )
+            if nxt is None:
+                _log(
+                    log_file,
+                    f"=== pfbuild: failed ({failure.failure_class.value}); "
+                    "no rung of the retry ladder applies",
+                )
+                break
+            _log(
+                log_file, f"=== pfbuild: variant '{variant.name}' failed; retrying as '{nxt.name}'"
+            )
+            variant = nxt
+    registry = job.repo_dir / ".pf_manifest" / "unsupported_registry.json"
+    failures.record_unsupported(registry, profile.profile_id, failure, variant=variant.name)
+    raise BuildFailed(
+        f"building {run.tag} failed ({failure.failure_class.value}) after "
+        f"{len(run.attempts)} attempt(s): {failure.evidence or outcome.error}",
+        failure=failure,
+        build_log_path=str(log_path),
+        details={"attempts": [a.model_dump(mode="json") for a in run.attempts]},
+    )
+
+
+def _log(log_file: IO[bytes], line: str) -> None:
+    log_file.write(line.encode("utf-8", "replace") + b"\n")
+    log_file.flush()
+
+
+def _one_build(
+    run: _Run, variant: Variant, text: str, log_file: IO[bytes], lines: deque[str]
+) -> BuildOutcome:
+    step: tuple[int, int] | None = None
+
+    def on_line(line: str) -> None:
+        nonlocal step
+        lines.append(line)
+        _log(log_file, line)
+        step = parse_step(line) or step
+        run.progress(
+            "building", step=step[0] if step else None, steps=step[1] if step else None, line=line
+        )
+
+    context = make_context(run.job.repo_dir, text)
+    try:
+        tag = run.tag
+        exists = run.engine.inspect(tag) is not None
+        return run.engine.build(
+            context.fileobj,
+            tag=tag,
+            dockerfile=DOCKERFILE_IN_CONTEXT,
+            # The classic builder trusts *only* the cache_from images when the list is not
+            # empty, so naming a tag that does not exist would disable the layer cache.
+            cache_from=[tag] if exists else [],
+            nocache=run.job.request.force_rebuild,
+            labels={
+                LABEL_PROFILE: run.job.profile.profile_id,
+                LABEL_VARIANT: variant.name,
+                LABEL_DOCKERFILE: hashlib.sha256(text.encode()).hexdigest(),
+            },
+            on_line=on_line,
+        )
+    finally:
+        context.close()
