@@ -14,7 +14,7 @@ __all__ = ["Settings"]
 class Settings(BaseSettings):
     """Every knob of pfbuild. Each field reads ``PFBUILD_<NAME>`` unless noted."""
 
-    model_config = SettingsConfigDict(env_prefix="PFBUILD_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PFBUILD_", extra="ignore", populate_by_name=True)
 
     # --- queue -------------------------------------------------------------------------
     redis_url: str | None = Field(

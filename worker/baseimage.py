@@ -92,8 +92,14 @@ def ensure_base_image(
         rootfs = Path(tmp) / "rootfs"
         say(f"debootstrap {suite} from {mirror} (about a minute) ...")
         _run(
-            ["debootstrap", "--variant=minbase", f"--include={PACKAGES}", suite,
-             str(rootfs), mirror],
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--include={PACKAGES}",
+                suite,
+                str(rootfs),
+                mirror,
+            ],
             "debootstrap",
         )
         # pip is usable system-wide in the official image; PEP 668 would refuse it here
@@ -116,7 +122,7 @@ def ensure_base_image(
             str(archive),
             repository=repo,
             tag=tag,
-            changes=['ENV LANG=C.UTF-8', 'CMD ["python3"]'],
+            changes=["ENV LANG=C.UTF-8", 'CMD ["python3"]'],
         )
     if engine.inspect(image) is None:
         raise PfbuildError(f"import finished but {image} is not in the engine")

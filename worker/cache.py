@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Literal, cast
 
 import zstandard
 
@@ -97,7 +97,7 @@ class _HashingReader:
 def _stream(reader: _HashingReader, compression: Compression) -> Iterator[bytes]:
     if compression == "zstd":
         yield from zstandard.ZstdDecompressor().read_to_iter(
-            reader, read_size=_CHUNK, write_size=_CHUNK
+            cast(IO[bytes], reader), read_size=_CHUNK, write_size=_CHUNK
         )
     else:
         # plain and gzip tars go to the engine as they are: it decompresses gzip itself
@@ -145,7 +145,7 @@ def save_tarball(
     compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
     with atomic_file(path) as fh:
         hashing = HashingWriter(fh)
-        with compressor.stream_writer(hashing, closefd=False) as zw:
+        with compressor.stream_writer(cast(IO[bytes], hashing), closefd=False) as zw:
             for chunk in engine.save(tag):
                 zw.write(chunk)
         digest, size = hashing.digest.hexdigest(), hashing.size

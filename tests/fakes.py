@@ -1,0 +1,84 @@
+"""A fake Docker engine behind the Engine protocol, for unit tests and fault injection."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO
+
+from pfbuild.worker.engine import BuildOutcome, ImageInfo, LoadFailed
+
+
+def image_tar(tag: str, payload: bytes) -> bytes:
+    """A tiny stand-in for `docker save` output: a tar naming the tag and holding data."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("repositories", tag.encode()), ("layer.bin", payload)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+class FakeEngine:
+    host = "fake://engine"
+
+    def __init__(self) -> None:
+        self.images: dict[str, ImageInfo] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.builds: list[dict[str, object]] = []
+        self.loads = 0
+        self.build_log: Callable[[str], list[str]] = lambda dockerfile: ["Step 1/1 : FROM x"]
+        self.build_ok: Callable[[str], bool] = lambda dockerfile: True
+        self.refuse_loads = False
+
+    def inspect(self, tag: str) -> ImageInfo | None:
+        return self.images.get(tag)
+
+    def build(self, context: IO[bytes], *, tag: str, dockerfile: str, cache_from: list[str],
+              nocache: bool, labels: dict[str, str],
+              on_line: Callable[[str], None]) -> BuildOutcome:
+        with tarfile.open(fileobj=context, mode="r|") as tar:
+            members = {}
+            for m in tar:
+                f = tar.extractfile(m)
+                members[m.name] = f.read() if f else b""
+        text = members[dockerfile].decode()
+        self.builds.append({"tag": tag, "dockerfile": text, "nocache": nocache,
+                            "cache_from": cache_from, "members": sorted(members)})
+        for line in self.build_log(text):
+            on_line(line)
+        if not self.build_ok(text):
+            return BuildOutcome(ok=False, image_id=None, error="The command returned 1")
+        image_id = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+        self.images[tag] = ImageInfo(id=image_id, labels=dict(labels))
+        self.blobs[tag] = image_tar(tag, text.encode() * 1000)
+        return BuildOutcome(ok=True, image_id=image_id, error=None)
+
+    def save(self, tag: str) -> Iterator[bytes]:
+        data = self.blobs[tag]
+        for i in range(0, len(data), 7000):
+            yield data[i : i + 7000]
+
+    def load(self, data: Iterable[bytes] | IO[bytes]) -> list[str]:
+        self.loads += 1
+        chunks = data if not hasattr(data, "read") else iter(lambda: data.read(65536), b"")  # type: ignore[union-attr]
+        blob = b"".join(chunks)  # type: ignore[arg-type]
+        if self.refuse_loads:
+            raise LoadFailed("invalid tar header")
+        try:
+            with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+                member = tar.extractfile("repositories")
+                tag = member.read().decode() if member else ""
+        except tarfile.TarError as exc:
+            raise LoadFailed(f"invalid tar: {exc}") from None
+        self.images[tag] = ImageInfo(id="sha256:" + hashlib.sha256(blob).hexdigest(),
+                                     labels={"org.pfbuild.variant": "standard"})
+        self.blobs[tag] = blob
+        return [f"Loaded image: {tag}"]
+
+    def remove(self, tag: str) -> None:
+        self.images.pop(tag, None)
+        self.blobs.pop(tag, None)

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import gzip
+import hashlib
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pfbuild.worker import cache
+from tests.fakes import FakeEngine, image_tar
+
+TAG = "patchfoundry/p1:latest"
+
+
+def _saved(tmp_path: Path) -> tuple[FakeEngine, Path]:
+    engine = FakeEngine()
+    engine.blobs[TAG] = image_tar(TAG, b"layer" * 50_000)
+    info = cache.save_tarball(engine, TAG, tmp_path, "p1", level=3, threads=2)
+    return engine, Path(info.path)
+
+
+def test_save_is_zstd_with_checksum_sidecar_and_no_temp_left(tmp_path: Path) -> None:
+    engine, path = _saved(tmp_path)
+    assert path.name == "p1.tar.zst" and path.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (tmp_path / "p1.tar.zst.sha256").read_text().split()[0] == digest
+    assert path.stat().st_size < len(engine.blobs[TAG]) / 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p1.tar.zst", "p1.tar.zst.sha256"]
+
+
+def test_load_round_trip_through_zstd(tmp_path: Path) -> None:
+    engine, path = _saved(tmp_path)
+    original = engine.blobs.pop(TAG)
+    engine.images.clear()
+    info = cache.load_tarball(engine, path, TAG)
+    assert engine.blobs[TAG] == original and info.compression == "zstd"
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_reads_tarballs_other_tools_wrote(tmp_path: Path, compression: str) -> None:
+    blob = image_tar(TAG, b"x" * 1000)
+    path = tmp_path / "p1.tar"
+    path.write_bytes(gzip.compress(blob) if compression == "gzip" else blob)
+    assert cache.find_tarball(tmp_path, "p1") == path
+    engine = FakeEngine()
+    info = cache.load_tarball(engine, path, TAG)
+    assert info.compression == compression and engine.inspect(TAG) is not None
+
+
+def test_checksum_mismatch_quarantines_and_untags(tmp_path: Path) -> None:
+    engine, path = _saved(tmp_path)
+    (tmp_path / "p1.tar.zst.sha256").write_text("0" * 64 + "  p1.tar.zst\n")
+    engine.images.clear()
+    with pytest.raises(cache.TarballRejected) as info:
+        cache.load_tarball(engine, path, TAG)
+    assert "sha256 mismatch" in info.value.reason
+    assert not path.exists() and info.value.moved_to and info.value.moved_to.exists()
+    assert engine.inspect(TAG) is None
+    assert cache.find_tarball(tmp_path, "p1") is None
+
+
+def test_truncated_tarball_is_quarantined(tmp_path: Path) -> None:
+    engine, path = _saved(tmp_path)
+    path.write_bytes(path.read_bytes()[:100])
+    (tmp_path / "p1.tar.zst.sha256").unlink()
+    with pytest.raises(cache.TarballRejected):
+        cache.load_tarball(engine, path, TAG)
+    assert not path.exists() and len(list((tmp_path / "quarantine").iterdir())) == 1
+
+
+def test_wrong_tag_inside_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "p1.tar"
+    path.write_bytes(image_tar("patchfoundry/other:latest", b"x"))
+    with pytest.raises(cache.TarballRejected, match="does not hold"):
+        cache.load_tarball(FakeEngine(), path, TAG)
+
+
+@pytest.mark.docker
+def test_real_engine_cold_round_trip(docker_engine, tmp_path: Path, cleanup_images) -> None:  # type: ignore[no-untyped-def]
+    """Save and reload an image whose top layer no other tag holds: a real load."""
+    import io
+    import tarfile
+
+    tag = f"pftest/cold-{uuid.uuid4().hex[:10]}:latest"
+    cleanup_images.append(tag)
+    dockerfile = f"FROM python:3.11-slim\nRUN head -c 8000000 /dev/urandom > /blob && echo {tag}\n"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        tar.addfile(info, io.BytesIO(dockerfile.encode()))
+    buf.seek(0)
+    lines: list[str] = []
+    out = docker_engine.build(buf, tag=tag, dockerfile="Dockerfile", cache_from=[],
+                              nocache=False, labels={}, on_line=lines.append)
+    assert out.ok, lines[-5:]
+    saved = cache.save_tarball(docker_engine, tag, tmp_path, "cold", level=3, threads=2)
+    docker_engine.remove(tag)
+    assert docker_engine.inspect(tag) is None
+    image_id = out.image_id
+    assert image_id is not None
+    loaded = cache.load_tarball(docker_engine, Path(saved.path), tag)
+    again = docker_engine.inspect(tag)
+    assert again is not None and again.id == image_id
+    assert loaded.sha256 == saved.sha256

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+from pfbuild.worker.context import DOCKERFILE_IN_CONTEXT, FIXED_MTIME, make_context
+
+
+def _tree(root: Path) -> None:
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "mod.py").write_text("x = 1\n")
+    (root / "run.sh").write_text("#!/bin/sh\n")
+    os.chmod(root / "run.sh", 0o775)
+    (root / "setup.py").write_text("")
+    (root / ".pf_manifest" / "image_build").mkdir(parents=True)
+    (root / ".pf_manifest" / "image_build" / "build.log").write_text("log")
+    (root / ".tmp-test").mkdir()
+    (root / ".tmp-test" / "cache.tar").write_text("tar")
+    (root / "secret.env").write_text("TOKEN=1")
+    (root / "docs").mkdir()
+    (root / "docs" / "keep.md").write_text("keep")
+    (root / "docs" / "drop.md").write_text("drop")
+    (root / ".dockerignore").write_text("# comment\nsecret.env\ndocs/*\n!docs/keep.md\n")
+
+
+def _members(repo: Path, dockerfile: str = "FROM x\n") -> list[tarfile.TarInfo]:
+    ctx = make_context(repo, dockerfile)
+    with tarfile.open(fileobj=ctx.fileobj, mode="r|") as tar:
+        members = list(tar)
+    ctx.close()
+    return members
+
+
+def test_excludes_pfbuild_output_and_dockerignored_paths(tmp_path: Path) -> None:
+    _tree(tmp_path)
+    names = [m.name for m in _members(tmp_path)]
+    assert not any(n.startswith((".pf_manifest", ".tmp-test")) for n in names)
+    assert "secret.env" not in names and "docs/drop.md" not in names
+    assert "docs/keep.md" in names and "pkg/mod.py" in names
+    # our own .dockerignore and Dockerfile travel last, so the engine can drop both
+    assert names[-2:] == [".dockerignore", DOCKERFILE_IN_CONTEXT]
+    assert names[:-2] == sorted(names[:-2])
+
+
+def test_headers_are_normalised(tmp_path: Path) -> None:
+    _tree(tmp_path)
+    os.utime(tmp_path / "setup.py", (12345, 12345))
+    for m in _members(tmp_path):
+        assert (m.uid, m.gid, m.uname, m.gname, m.mtime) == (0, 0, "", "", FIXED_MTIME)
+    modes = {m.name: m.mode for m in _members(tmp_path)}
+    assert modes["run.sh"] == 0o755 and modes["setup.py"] == 0o644
+
+
+def test_same_tree_same_bytes_whatever_pfbuild_writes(tmp_path: Path) -> None:
+    _tree(tmp_path)
+    first = make_context(tmp_path, "FROM x\n")
+    (tmp_path / ".pf_manifest" / "image_build" / "manifest.json").write_text("{}")
+    (tmp_path / ".tmp-test" / "other").write_text("more")
+    os.utime(tmp_path / "pkg" / "mod.py", (99, 99))
+    second = make_context(tmp_path, "FROM x\n")
+    assert first.sha256 == second.sha256 and first.size == second.size
+    (tmp_path / "pkg" / "mod.py").write_text("x = 2\n")
+    assert make_context(tmp_path, "FROM x\n").sha256 != first.sha256
+
+
+def test_symlinks_stay_links(tmp_path: Path) -> None:
+    _tree(tmp_path)
+    os.symlink("pkg/mod.py", tmp_path / "link.py")
+    link = next(m for m in _members(tmp_path) if m.name == "link.py")
+    assert link.issym() and link.linkname == "pkg/mod.py"
