@@ -130,6 +130,40 @@ def base_image(
     _emit({"image": image, "how": how, "image_id": info.id if info else None})
 
 
+bench_app = typer.Typer(help="Benchmarks that print ratios measured side by side.")
+app.add_typer(bench_app, name="bench")
+
+
+def _print_rows(title: str, rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        _emit({"benchmark": title, "rows": rows})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    # one row per measure, one column per round: the ratios read down a column
+    table = Table(title=title)
+    table.add_column("measure")
+    for i in range(len(rows)):
+        table.add_column(f"#{i + 1}", justify="right")
+    for key in rows[0]:
+        cells = [row[key] for row in rows]
+        table.add_row(key, *(f"{v:.3f}" if isinstance(v, float) else str(v) for v in cells))
+    Console(width=200).print(table)
+
+
+@bench_app.command("tarball")
+def bench_tarball(
+    tag: Annotated[str, typer.Option(help="An image in the engine to save and load.")],
+    rounds: Annotated[int, typer.Option(help="Rounds to run.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """pfbuild's zstd tarball save/load vs `docker save`/`docker load`, and peak memory."""
+    from pfbuild.worker.bench import tarball_bench
+
+    _print_rows("tarball: pfbuild vs docker CLI", tarball_bench(Settings(), tag, rounds), as_json)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code instead of calling ``sys.exit`` itself."""
     try:

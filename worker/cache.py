@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 Compression = Literal["zstd", "gzip", "none"]
 _CHUNK = 1024 * 1024
+_AHEAD = 8  # chunks decoded ahead of the engine
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -94,7 +97,7 @@ class _HashingReader:
         return data
 
 
-def _stream(reader: _HashingReader, compression: Compression) -> Iterator[bytes]:
+def _decode(reader: _HashingReader, compression: Compression) -> Iterator[bytes]:
     if compression == "zstd":
         yield from zstandard.ZstdDecompressor().read_to_iter(
             cast(IO[bytes], reader), read_size=_CHUNK, write_size=_CHUNK
@@ -105,6 +108,43 @@ def _stream(reader: _HashingReader, compression: Compression) -> Iterator[bytes]
             yield chunk
     while reader.read(_CHUNK):  # hash any trailing bytes the decoder did not need
         pass
+
+
+def _prefetch(source: Iterator[bytes]) -> Iterator[bytes]:
+    """Run ``source`` on a helper thread, ``_AHEAD`` chunks ahead of the consumer.
+
+    Socket I/O, hashing and zstd all release the GIL, so producing (reading from the
+    engine, or decoding a file) overlaps with consuming (compressing, or sending to the
+    engine). The queue is bounded, so memory stays at a few chunks whatever the image size.
+    """
+    chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=_AHEAD)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for chunk in source:
+                while not stop.is_set():
+                    try:
+                        chunks.put(chunk, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            chunks.put(None)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            chunks.put(exc)
+
+    thread = threading.Thread(target=produce, name="pfbuild-tarball-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := chunks.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def load_tarball(engine: Engine, path: Path, tag: str) -> TarballInfo:
@@ -120,7 +160,7 @@ def load_tarball(engine: Engine, path: Path, tag: str) -> TarballInfo:
     with open(path, "rb") as fh:
         reader = _HashingReader(fh)
         try:
-            engine.load(_stream(reader, compression))
+            engine.load(_prefetch(_decode(reader, compression)))
         except (LoadFailed, zstandard.ZstdError) as exc:
             raise TarballRejected(
                 f"engine refused the tarball: {exc}", quarantine(path, str(exc))
@@ -146,7 +186,7 @@ def save_tarball(
     with atomic_file(path) as fh:
         hashing = HashingWriter(fh)
         with compressor.stream_writer(cast(IO[bytes], hashing), closefd=False) as zw:
-            for chunk in engine.save(tag):
+            for chunk in _prefetch(engine.save(tag)):
                 zw.write(chunk)
         digest, size = hashing.digest.hexdigest(), hashing.size
         # The sidecar lands first: the tarball's rename (on leaving this block) is the
