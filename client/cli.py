@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -128,6 +129,159 @@ def base_image(
     except PfbuildError as exc:
         raise _fail(exc) from None
     _emit({"image": image, "how": how, "image_id": info.id if info else None})
+
+
+def _read_request(
+    repo_dir: str | None, profile: str | None, force: bool, cache_dir: str | None
+) -> BuildRequest:
+    if repo_dir is None:
+        if sys.stdin.isatty():
+            raise BadRequest("give --repo-dir and --profile, or a request object on stdin")
+        return parse_request(sys.stdin.read())
+    if profile is None:
+        raise BadRequest("--profile is required with --repo-dir")
+    data: dict[str, Any] = {"repo_dir": repo_dir, "profile_path": profile, "force_rebuild": force}
+    if cache_dir:
+        data["image_cache_dir"] = cache_dir
+    return parse_request(json.dumps(data))
+
+
+def _watch(job: Any, timeout: float | None, show: bool) -> Any:
+    """Wait for ``job``, showing stage and build step on a terminal as they change."""
+    if not show:
+        return job.result(timeout)
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with console.status(f"job {job.id}: queued") as spinner:
+        while True:
+            st = job.status()
+            step = f" step {st.step}/{st.steps}" if st.step else ""
+            line = (st.line or "").strip()[:90]
+            spinner.update(f"job {job.id}: [bold]{st.stage}[/bold]{step} {line}")
+            if st.ready or (deadline is not None and time.monotonic() > deadline):
+                return job.result(timeout=0)
+            time.sleep(0.3)
+
+
+@app.command()
+def submit(
+    repo_dir: Annotated[str | None, typer.Option(help="Repository to build.")] = None,
+    profile: Annotated[str | None, typer.Option(help="Path of its repo_profile.json.")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if cached.")] = False,
+    cache_dir: Annotated[str | None, typer.Option(help="Tarball cache folder.")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait and print the answer.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="Seconds to wait at most.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine output only.")] = False,
+) -> None:
+    """Submit a build (a request on stdin, or flags) to the farm; --wait for its answer.
+
+    With no PFBUILD_REDIS_URL, --wait runs an embedded broker and worker in this process.
+    """
+    from pfbuild.client.jobs import BuildClient
+
+    settings = Settings()
+    show = not as_json and sys.stderr.isatty()
+    try:
+        request = _read_request(repo_dir, profile, force, cache_dir)
+        if settings.redis_url is None:
+            if not wait:
+                raise BadRequest(
+                    "PFBUILD_REDIS_URL is not set: use --wait to build on the "
+                    "embedded broker and worker, or point it at the farm's Redis"
+                )
+            from pfbuild.worker.embedded import embedded_farm
+
+            with embedded_farm(settings) as url, BuildClient(url, settings) as client:
+                answer = _watch(client.submit(request), timeout, show)
+        else:
+            with BuildClient(settings=settings) as client:
+                job = client.submit(request)
+                if not wait:
+                    _emit({"job_id": job.id, "profile_id": job.profile_id, "joined": job.joined})
+                    return
+                answer = _watch(job, timeout, show)
+    except PfbuildError as exc:
+        raise _fail(exc) from None
+    _emit(answer.model_dump(mode="json"))
+
+
+def _client() -> Any:
+    from pfbuild.client.jobs import BuildClient
+
+    return BuildClient()
+
+
+@app.command()
+def status(job_id: str) -> None:
+    """Print a job's state, stage, build step and last log line."""
+    try:
+        with _client() as client:
+            _emit(client.job(job_id).status().model_dump(mode="json"))
+    except PfbuildError as exc:
+        raise _fail(exc) from None
+
+
+@app.command("wait")
+def wait_cmd(
+    job_id: str,
+    timeout: Annotated[float | None, typer.Option(help="Seconds to wait at most.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine output only.")] = False,
+) -> None:
+    """Wait for a job and print its answer (or its structured error)."""
+    try:
+        with _client() as client:
+            answer = _watch(client.job(job_id), timeout, not as_json and sys.stderr.isatty())
+    except PfbuildError as exc:
+        raise _fail(exc) from None
+    _emit(answer.model_dump(mode="json"))
+
+
+@app.command()
+def logs(
+    job_id: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
+) -> None:
+    """Print a job's build log lines (all so far; with -f, then live ones)."""
+    try:
+        with _client() as client:
+            for line in client.job(job_id).logs(follow=follow):
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+    except PfbuildError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a job (terminating its build if it runs)."""
+    try:
+        with _client() as client:
+            client.job(job_id).cancel()
+    except PfbuildError as exc:
+        raise _fail(exc) from None
+    _emit({"job_id": job_id, "cancelled": True})
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int | None, typer.Option(help="Builds at once.")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
+) -> None:
+    """Start a worker (same as `celery -A pfbuild.worker worker`)."""
+    from pfbuild.worker.celery_app import create_app
+
+    settings = Settings()
+    argv = [
+        "worker",
+        f"--loglevel={loglevel}",
+        f"--concurrency={concurrency or settings.worker_concurrency}",
+    ]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    create_app(settings).worker_main(argv)
 
 
 bench_app = typer.Typer(help="Benchmarks that print ratios measured side by side.")

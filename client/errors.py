@@ -5,6 +5,7 @@
     │   └── ProfileRefused          the profile asks for something pfbuild will not build
     ├── EngineUnavailable           no Docker engine answers (or it failed outside a build)
     ├── BuildFailed                 the image build failed; carries a failure class and log
+    ├── LockLost                    a worker lost its profile lock mid-build and stopped
     ├── QueueUnavailable            the broker / result backend cannot be reached
     ├── JobTimeout                  waiting for a job took longer than asked
     └── JobCancelled                the job was revoked before it finished
@@ -27,6 +28,7 @@ __all__ = [
     "ExitCode",
     "JobCancelled",
     "JobTimeout",
+    "LockLost",
     "PfbuildError",
     "ProfileRefused",
     "QueueUnavailable",
@@ -55,16 +57,35 @@ class PfbuildError(Exception):
     def __init__(
         self,
         message: str,
+        extra: dict[str, Any] | None = None,
         *,
         failure: FailureInfo | None = None,
         build_log_path: str | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(message)
+        if extra:  # rebuilt from ``args`` by Celery's JSON exception round trip
+            failure = failure or (
+                FailureInfo.model_validate(extra["failure"]) if extra.get("failure") else None
+            )
+            build_log_path = build_log_path or extra.get("build_log_path")
+            details = details or extra.get("details")
         self.message = message
         self.failure = failure
         self.build_log_path = build_log_path
         self.details = details or {}
+        # args are what Celery serialises (as JSON) for a failed task: keeping the
+        # structured fields in them lets the client rebuild this very error.
+        super().__init__(
+            message,
+            {
+                "failure": failure.model_dump(mode="json") if failure else None,
+                "build_log_path": build_log_path,
+                "details": self.details,
+            },
+        )
+
+    def __str__(self) -> str:
+        return self.message
 
     def to_info(self) -> ErrorInfo:
         return ErrorInfo(
@@ -113,6 +134,12 @@ class BuildFailed(PfbuildError):
     exit_code = ExitCode.BUILD_FAILED
 
 
+class LockLost(PfbuildError):
+    """The worker's lock on the profile expired or was taken; it stopped publishing."""
+
+    type = "lock_lost"
+
+
 class QueueUnavailable(PfbuildError):
     """The broker or result backend cannot be reached."""
 
@@ -142,6 +169,7 @@ _BY_TYPE: dict[str, type[PfbuildError]] = {
         ProfileRefused,
         EngineUnavailable,
         BuildFailed,
+        LockLost,
         QueueUnavailable,
         JobTimeout,
         JobCancelled,

@@ -22,6 +22,36 @@ class Settings(BaseSettings):
         description="Broker and result backend. Unset: the CLI runs an embedded broker.",
     )
 
+    build_soft_time_limit: int = Field(
+        default=3600,
+        description="Seconds before a build is asked to stop (it releases its lock and "
+        "fails with a structured timeout error).",
+    )
+    build_time_limit: int = Field(
+        default=3900, description="Seconds before a build's process is killed outright."
+    )
+    lock_ttl: int = Field(
+        default=60,
+        description="Seconds a profile lock lives without renewal; a watchdog renews it "
+        "every third of that while the build runs, so a dead worker's lock frees itself.",
+    )
+    lock_poll_seconds: float = Field(
+        default=2.0, description="How often a job whose profile is locked retries."
+    )
+    lock_wait_max: int = Field(
+        default=7200, description="Seconds a job may wait for a profile lock before failing."
+    )
+    max_deliveries: int = Field(
+        default=3,
+        description="A job whose worker died this many times is failed, not redelivered.",
+    )
+    visibility_margin: int = Field(
+        default=600,
+        description="Seconds the broker's visibility timeout exceeds the hard time limit.",
+    )
+    result_expires: int = Field(default=86400, description="Seconds results are kept.")
+    worker_concurrency: int = Field(default=2, description="Builds one worker runs at once.")
+
     # --- where things go ---------------------------------------------------------------
     tmp_dir: Path | None = Field(
         default=None,
@@ -65,6 +95,12 @@ class Settings(BaseSettings):
         description="Names this worker's Docker host in answers and in the host registry.",
     )
     docker_timeout: int = Field(default=600, description="Seconds for one engine API call.")
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Longer than the hard limit: Redis redelivers an unacked task after this long,
+        so a shorter one would run a long build twice (celery#5935)."""
+        return self.build_time_limit + self.visibility_margin
 
     def image_tag(self, profile_id: str) -> str:
         return f"{self.image_repository}/{profile_id}:latest"

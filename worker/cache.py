@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Literal, cast
 
@@ -178,9 +178,20 @@ def load_tarball(engine: Engine, path: Path, tag: str) -> TarballInfo:
 
 
 def save_tarball(
-    engine: Engine, tag: str, cache_dir: Path, profile_id: str, *, level: int, threads: int
+    engine: Engine,
+    tag: str,
+    cache_dir: Path,
+    profile_id: str,
+    *,
+    level: int,
+    threads: int,
+    before_commit: Callable[[], None] = lambda: None,
 ) -> TarballInfo:
-    """Save ``tag`` as ``{profile_id}.tar.zst`` atomically, with a sha256 sidecar."""
+    """Save ``tag`` as ``{profile_id}.tar.zst`` atomically, with a sha256 sidecar.
+
+    ``before_commit`` runs after the data is written and before it is renamed into
+    place; if it raises (the lock was lost, say), nothing appears in the cache.
+    """
     path = cache_dir / f"{profile_id}.tar.zst"
     compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
     with atomic_file(path) as fh:
@@ -189,6 +200,7 @@ def save_tarball(
             for chunk in _prefetch(engine.save(tag)):
                 zw.write(chunk)
         digest, size = hashing.digest.hexdigest(), hashing.size
+        before_commit()
         # The sidecar lands first: the tarball's rename (on leaving this block) is the
         # commit point, and a run under the same profile lock never reads in between.
         atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")

@@ -168,16 +168,22 @@ def run_build(
     *,
     progress: Progress = _no_progress,
     worker: str | None = None,
+    guard: Callable[[], None] = lambda: None,
+    timings: Timings | None = None,
 ) -> BuildAnswer:
     """Run the whole pipeline for one request and return its answer.
 
     Raises :class:`BadRequest` before touching anything, :class:`BuildFailed` when every
     variant tried failed (the log and ``unsupported_registry.json`` are written first),
-    and :class:`EngineUnavailable` when the engine stops answering.
+    and :class:`EngineUnavailable` when the engine stops answering. ``guard`` is called
+    before every write others will read (the tarball, the manifest) and may raise to stop
+    the run; ``timings`` carries stages measured before the pipeline (queue, lock).
     """
     started = time.monotonic()
     job = resolve_request(request, settings)
     run = _Run(job, settings, engine, progress, worker or f"{settings.host_id}:{os.getpid()}")
+    if timings is not None:
+        run.timings = timings.model_copy()
 
     with run.stage("rendering", "render"):
         dockerfile_path, _ = run.dockerfile(VARIANTS["standard"])
@@ -216,6 +222,7 @@ def run_build(
                 job.profile.profile_id,
                 level=settings.zstd_level,
                 threads=settings.zstd_threads,
+                before_commit=guard,
             )
     if image is None:
         raise PfbuildError(f"{run.tag} vanished from the engine right after it was made")
@@ -230,7 +237,9 @@ def run_build(
                 f"{run.tag} reused from the {source} cache; no build ran for this profile here.\n",
             )
     dockerfile_path, text = run.dockerfile(variant)
-    run.timings.total = time.monotonic() - started
+    run.timings.total = (
+        run.timings.queue_wait + run.timings.lock_wait + (time.monotonic() - started)
+    )
     manifest = Manifest(
         profile_id=job.profile.profile_id,
         image_tag=run.tag,
@@ -250,6 +259,7 @@ def run_build(
         events=run.events,
     )
     manifest_path = job.artifacts / "manifest.json"
+    guard()
     atomic_write_text(manifest_path, json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return BuildAnswer(
         image_tag=run.tag,

@@ -1,0 +1,249 @@
+"""The client library agents import: submit builds, poll them, read their logs.
+
+    client = BuildClient()                      # PFBUILD_REDIS_URL, or redis_url=...
+    job = client.submit({"repo_dir": ..., "profile_path": ...})
+    job.status()                                # state, stage, step i/n, last log line
+    answer = job.result(timeout=600)            # BuildAnswer, or raises BuildFailed & co
+    for line in job.logs(follow=True): ...
+    answer = await job                          # the asyncio twin of result()
+
+Submitting is single-flight: while a job for a profile is queued or running, submitting
+the same profile again returns that job, so N agents cause one build. Every read is a
+poll of a Redis key; nothing subscribes to a channel per job (celery#5320).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Generator, Iterable, Iterator
+from typing import Any
+
+import redis
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+from pydantic import BaseModel
+
+from pfbuild.client.errors import JobCancelled, JobTimeout, PfbuildError, QueueUnavailable
+from pfbuild.client.models import BuildAnswer, BuildRequest
+from pfbuild.client.profile import load_profile_file, parse_profile
+from pfbuild.client.queue import TASK_NAME, JobState, Keys, job_state, make_celery
+from pfbuild.client.settings import Settings
+
+__all__ = ["BuildClient", "BuildJob", "JobStatus"]
+
+_DELETE_IF = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+class JobStatus(BaseModel):
+    """A snapshot of a job."""
+
+    id: str
+    state: JobState
+    stage: str
+    step: int | None = None
+    steps: int | None = None
+    line: str | None = None
+    profile_id: str | None = None
+    worker: str | None = None
+    docker_host: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state.ready
+
+
+class BuildJob:
+    """A handle on one job; reads like a ``concurrent.futures.Future``."""
+
+    def __init__(
+        self, client: BuildClient, job_id: str, profile_id: str | None = None, joined: bool = False
+    ) -> None:
+        self.client = client
+        self.id = job_id
+        self.profile_id = profile_id
+        self.joined = joined  # True when this submit joined a flight already under way
+
+    def __repr__(self) -> str:
+        return f"<BuildJob {self.id} profile={self.profile_id} joined={self.joined}>"
+
+    def _meta(self) -> tuple[str, Any]:
+        try:
+            meta = self.client.app.backend.get_task_meta(self.id)
+        except (redis.RedisError, OperationalError) as exc:
+            raise QueueUnavailable(f"cannot read job {self.id}: {exc}") from None
+        return str(meta.get("status", "PENDING")), meta.get("result")
+
+    def status(self) -> JobStatus:
+        celery_state, info = self._meta()
+        state = job_state(celery_state)
+        fields = info if isinstance(info, dict) and state not in (JobState.SUCCESS,) else {}
+        if state is JobState.SUCCESS and isinstance(info, dict):
+            fields = {
+                "profile_id": info.get("profile_id"),
+                "worker": info.get("worker"),
+                "docker_host": info.get("docker_host"),
+            }
+        known = {
+            k: fields.get(k)
+            for k in ("step", "steps", "line", "profile_id", "worker", "docker_host")
+            if fields.get(k) is not None
+        }
+        known.setdefault("profile_id", self.profile_id)
+        stage = str(fields.get("stage") or state.value)
+        return JobStatus(id=self.id, state=state, stage=stage, **known)
+
+    def _outcome(self) -> BuildAnswer | None:
+        celery_state, info = self._meta()
+        state = job_state(celery_state)
+        if state is JobState.SUCCESS:
+            return BuildAnswer.model_validate(info)
+        if state is JobState.FAILURE:
+            if isinstance(info, PfbuildError):
+                raise info
+            raise PfbuildError(f"job {self.id} failed: {info!r}")
+        if state is JobState.CANCELLED:
+            raise JobCancelled(f"job {self.id} was cancelled")
+        return None
+
+    def result(self, timeout: float | None = None, poll: float = 0.2) -> BuildAnswer:
+        """Wait for the answer; re-raise the worker's structured error on failure."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            answer = self._outcome()
+            if answer is not None:
+                return answer
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(
+                    f"job {self.id} not finished after {timeout}s ({self.status().stage})"
+                )
+            time.sleep(poll)
+
+    wait = result
+
+    async def result_async(self, timeout: float | None = None, poll: float = 0.2) -> BuildAnswer:
+        """The asyncio twin of :meth:`result`: polls without blocking the event loop."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            answer = await asyncio.to_thread(self._outcome)
+            if answer is not None:
+                return answer
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(f"job {self.id} not finished after {timeout}s")
+            await asyncio.sleep(poll)
+
+    def __await__(self) -> Generator[Any, None, BuildAnswer]:
+        return self.result_async().__await__()
+
+    def logs(self, follow: bool = False, poll: float = 0.25) -> Iterator[str]:
+        """The build's log lines so far (a late joiner gets them all), then live ones."""
+        key, index = Keys.log(self.id), 0
+        while True:
+            done = self.status().ready  # read before the lines, so none are missed
+            lines = self.client.redis.lrange(key, index, -1)
+            for raw in lines:
+                yield raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+            index += len(lines)
+            if not follow or (done and not lines):
+                return
+            if not lines:
+                time.sleep(poll)
+
+    def cancel(self) -> None:
+        """Revoke the job (terminating it if it runs) and leave its flight."""
+        self.client.app.control.revoke(self.id, terminate=True, signal="SIGTERM")
+        self.client.app.backend.mark_as_revoked(self.id, reason="cancelled by the client")
+        if self.profile_id:
+            for forced in (False, True):
+                self.client.redis.eval(_DELETE_IF, 1, Keys.flight(self.profile_id, forced), self.id)
+
+
+class BuildClient:
+    """Submits build requests to the farm and hands back :class:`BuildJob` handles."""
+
+    def __init__(self, redis_url: str | None = None, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        url = redis_url or self.settings.redis_url
+        if not url:
+            raise QueueUnavailable(
+                "no Redis configured: set PFBUILD_REDIS_URL (or use `pfbuild submit --wait`, "
+                "which runs an embedded broker and worker)"
+            )
+        self.url = url
+        self.app = make_celery(self.settings, url, name="pfbuild.client")
+        self.redis = redis.Redis.from_url(url)
+        # flights outlive the longest build plus time spent queued behind others
+        self.flight_ttl = 2 * self.settings.build_time_limit + self.settings.lock_wait_max
+
+    def close(self) -> None:
+        self.redis.close()
+        self.app.close()
+
+    def __enter__(self) -> BuildClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def job(self, job_id: str) -> BuildJob:
+        return BuildJob(self, job_id)
+
+    def _prepare(self, request: BuildRequest | dict[str, Any]) -> tuple[BuildRequest, str]:
+        req = request if isinstance(request, BuildRequest) else BuildRequest.model_validate(request)
+        if req.profile_path is not None:
+            # read here, so that workers on other hosts need no access to the file
+            req = req.model_copy(
+                update={"profile": load_profile_file(req.profile_path), "profile_path": None}
+            )
+        assert req.profile is not None
+        return req, parse_profile(req.profile).profile_id
+
+    def submit(self, request: BuildRequest | dict[str, Any]) -> BuildJob:
+        """Enqueue one request, or join the job already building its profile."""
+        req, profile_id = self._prepare(request)
+        key = Keys.flight(profile_id, req.force_rebuild)
+        try:
+            for _ in range(10):
+                job_id = str(uuid.uuid4())
+                if self.redis.set(key, job_id, nx=True, ex=self.flight_ttl):
+                    self._send(req, profile_id, job_id, key)
+                    return BuildJob(self, job_id, profile_id)
+                existing = self.redis.get(key)
+                if existing is None:
+                    continue  # the flight just ended; try to start the next one
+                other = BuildJob(self, existing.decode(), profile_id, joined=True)
+                if other.status().state in (JobState.FAILURE, JobState.CANCELLED):
+                    # a failed flight is over: the next submit starts afresh
+                    self.redis.eval(_DELETE_IF, 1, key, other.id)
+                    continue
+                return other
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"cannot reach Redis at {self.url}: {exc}") from None
+        raise QueueUnavailable(f"could not start or join a flight for {profile_id}")
+
+    def _send(self, req: BuildRequest, profile_id: str, job_id: str, key: str) -> None:
+        try:
+            self.app.send_task(
+                TASK_NAME,
+                kwargs={
+                    "request": req.model_dump(mode="json"),
+                    "profile_id": profile_id,
+                    "submitted_at": time.time(),
+                },
+                task_id=job_id,
+            )
+        except Exception as exc:
+            self.redis.eval(_DELETE_IF, 1, key, job_id)  # nobody may join a job never sent
+            raise QueueUnavailable(f"cannot enqueue the build: {exc}") from None
+
+    def submit_many(self, requests: Iterable[BuildRequest | dict[str, Any]]) -> list[BuildJob]:
+        """Submit several requests; identical profiles share one job."""
+        return [self.submit(r) for r in requests]
+
+    def result_of(self, job_id: str) -> AsyncResult:
+        """Celery's own handle on a job, for tools that want it (never ``.get()`` it)."""
+        return self.app.AsyncResult(job_id)

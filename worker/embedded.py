@@ -1,0 +1,50 @@
+"""The embedded default: a broker and a worker inside the calling process.
+
+With no ``PFBUILD_REDIS_URL``, ``pfbuild submit --wait`` needs no Redis: fakeredis serves
+the Redis protocol on a loopback port and a threaded Celery worker runs the same task
+code a real worker does, so the README's main command goes through the real queue path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pfbuild.client.settings import Settings
+
+__all__ = ["embedded_farm"]
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def embedded_farm(settings: Settings, concurrency: int = 2) -> Iterator[str]:
+    """Yield the URL of an in-process Redis with a worker consuming from it."""
+    from celery.contrib.testing.worker import start_worker
+    from fakeredis import TcpFakeServer
+
+    from pfbuild.worker.celery_app import create_app
+
+    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+    thread = threading.Thread(
+        target=server.serve_forever, name="pfbuild-embedded-redis", daemon=True
+    )
+    thread.start()
+    host, port = server.server_address[:2]
+    url = f"redis://{host!s}:{port}/0"
+    try:
+        app = create_app(settings, url)
+        with start_worker(
+            app,
+            pool="threads",
+            concurrency=concurrency,
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=30.0,
+        ):
+            yield url
+    finally:
+        server.shutdown()
+        server.server_close()

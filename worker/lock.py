@@ -1,0 +1,84 @@
+"""One lock per ``profile_id`` across every worker and host, held in Redis.
+
+A redis-py ``Lock`` with an owner token (``thread_local=False``, so the watchdog thread
+can renew it), a TTL so that a dead worker's lock frees itself, a watchdog that renews it
+while the build runs, and a fence number: a counter bumped on every acquisition, so that
+a holder can tell, before each write that matters, whether someone has taken over since.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Iterator
+
+import redis
+from redis.exceptions import LockError
+
+from pfbuild.client.errors import LockLost
+from pfbuild.client.queue import Keys
+
+__all__ = ["ProfileLock"]
+
+
+class ProfileLock:
+    def __init__(self, client: redis.Redis, profile_id: str, *, ttl: float, owner: str) -> None:
+        self.client = client
+        self.profile_id = profile_id
+        self.ttl = ttl
+        self.token = f"{owner}:{uuid.uuid4().hex}"
+        self.fence: int | None = None
+        self.lost = threading.Event()
+        self._lock = client.lock(Keys.lock(profile_id), timeout=ttl, thread_local=False)
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; on success, draw a fence number."""
+        if not self._lock.acquire(blocking=False, token=self.token):
+            return False
+        self.fence = int(self.client.incr(Keys.fence(self.profile_id)))
+        self.lost.clear()
+        return True
+
+    def holder(self) -> str | None:
+        """The token of whoever holds the lock now (``owner:random``), if anyone."""
+        value = self.client.get(Keys.lock(self.profile_id))
+        return value.decode() if isinstance(value, bytes) else value
+
+    def check(self) -> None:
+        """Raise LockLost unless this holder still owns the lock and its fence is current."""
+        if self.fence is None or self.lost.is_set():
+            raise LockLost(f"lost the lock on profile {self.profile_id}; stopped")
+        current = self.client.get(Keys.fence(self.profile_id))
+        if not self._lock.owned() or current is None or int(current) != self.fence:
+            self.lost.set()
+            raise LockLost(
+                f"the lock on profile {self.profile_id} expired or was taken over "
+                f"(fence {self.fence}, now {current!r}); stopped without publishing"
+            )
+
+    def release(self) -> None:
+        """Release if still ours; a lock that already expired is left alone."""
+        with contextlib.suppress(LockError):
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def watchdog(self) -> Iterator[None]:
+        """Renew the TTL every third of it while the body runs; flag a failed renewal."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.ttl / 3):
+                try:
+                    self._lock.reacquire()
+                except (LockError, redis.RedisError):
+                    self.lost.set()
+                    return
+
+        thread = threading.Thread(target=renew, name=f"lock-{self.profile_id[:12]}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
