@@ -129,7 +129,13 @@ def make_celery(
         worker_prefetch_multiplier=1,
         # Redis redelivers an unacked job after visibility_timeout; it must outlast the
         # hard time limit or a long build runs twice (celery#5935).
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # Workers sweep for such orphans every 10 s (kombu's default scans only every
+        # 10th sweep, so a dead worker's job would wait up to 100 s more).
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+        },
         # The soft limit raises inside the build so it releases its lock and reports a
         # structured timeout; the hard limit kills what ignores it.
         task_soft_time_limit=settings.build_soft_time_limit,

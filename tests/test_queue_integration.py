@@ -1,0 +1,242 @@
+"""The farm for real: redis-server, two `celery worker` processes, the Docker engine."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from pfbuild.client.errors import BadRequest, PfbuildError
+from pfbuild.client.jobs import BuildClient
+from pfbuild.client.queue import JobState, Keys
+from tests.farm import RedisServer, Worker
+
+pytestmark = [pytest.mark.docker, pytest.mark.redis]
+
+ORDER = [s.value for s in JobState]
+
+
+@pytest.fixture(scope="module")
+def farm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("farm")
+
+
+def _env(url: str, tmp: Path, hard_limit: int = 110) -> dict[str, str]:
+    return {
+        "PFBUILD_REDIS_URL": url,
+        "PFBUILD_TMP_DIR": str(tmp / "pf-tmp"),
+        "PFBUILD_LOCK_TTL": "6",
+        "PFBUILD_LOCK_POLL_SECONDS": "0.5",
+        "PFBUILD_BUILD_SOFT_TIME_LIMIT": str(hard_limit - 10),
+        "PFBUILD_BUILD_TIME_LIMIT": str(hard_limit),
+        # a dead worker's job is redelivered after hard_limit + 5 s, not the default 70 min
+        "PFBUILD_VISIBILITY_MARGIN": "5",
+    }
+
+
+@pytest.fixture(scope="module")
+def farm(docker_engine, farm_dir: Path) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    if shutil.which("redis-server") is None:
+        from tests.conftest import missing
+
+        missing("redis-server")
+    server = RedisServer(farm_dir)
+    workers = [Worker(f"w{i}", _env(server.url, farm_dir), farm_dir) for i in (1, 2)]
+    try:
+        for w in workers:
+            w.wait_ready()
+        yield {"url": server.url, "workers": workers, "dir": farm_dir}
+    finally:
+        for w in workers:
+            w.stop()
+        server.stop()
+
+
+@pytest.fixture
+def repo(farm: dict[str, Any], tmp_path: Path) -> Path:
+    dest = tmp_path / "hello"
+    shutil.copytree(Path(__file__).parent.parent / "examples" / "hello", dest)
+    return dest
+
+
+def _profile(repo: Path, *cmds: str) -> dict[str, Any]:
+    doc = json.loads((repo / "repo_profile.json").read_text())
+    doc["env"]["PFTEST_NONCE"] = uuid.uuid4().hex  # a profile nobody has built
+    if cmds:
+        doc["install_cmds"] = list(cmds)
+    return doc  # type: ignore[no-any-return]
+
+
+def _submit_and_wait(url: str, request: dict[str, Any]) -> tuple[str, str]:
+    with BuildClient(url) as client:
+        job = client.submit(request)
+        return job.id, job.result(timeout=600).image_id
+
+
+def _in_process(url: str, request: dict[str, Any], out: Any) -> None:
+    out.put(_submit_and_wait(url, request))
+
+
+def test_fifty_concurrent_submits_cause_one_build(farm: dict[str, Any], repo: Path,
+                                                  cleanup_images: list[str]) -> None:
+    request = {"repo_dir": str(repo), "profile": _profile(repo)}
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_in_process, args=(farm["url"], request, out))
+             for _ in range(25)]
+    with ThreadPoolExecutor(25) as pool:
+        for p in procs:
+            p.start()
+        threads = [pool.submit(_submit_and_wait, farm["url"], request) for _ in range(25)]
+        results = [f.result(timeout=600) for f in threads]
+        results += [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(10)
+    job_ids = {job for job, _ in results}
+    image_ids = {image for _, image in results}
+    assert len(results) == 50
+    assert len(job_ids) == 1 and len(image_ids) == 1
+    (job_id,) = job_ids
+    r = redis.Redis.from_url(farm["url"])
+    assert int(r.get(Keys.starts(job_id)) or 0) == 1  # one execution on one worker
+    with BuildClient(farm["url"]) as client:
+        answer = client.job(job_id).result(timeout=5)
+    cleanup_images.append(answer.image_tag)
+    assert answer.cache_source == "built"
+    # the flight is over: a new submit is a new job, answered from the cache
+    with BuildClient(farm["url"]) as client:
+        again = client.submit(request)
+        assert again.id != job_id and not again.joined
+        assert again.result(timeout=120).cache_source == "local"
+
+
+def test_states_are_seen_in_order_with_logs(farm: dict[str, Any], repo: Path,
+                                            cleanup_images: list[str]) -> None:
+    with BuildClient(farm["url"]) as client:
+        job = client.submit({"repo_dir": str(repo),
+                             "profile": _profile(repo, "for i in 1 2 3 4 5 6; do echo tick $i; "
+                                                       "sleep 0.5; done")})
+        seen: list[str] = []
+        steps: set[tuple[int | None, int | None]] = set()
+        while True:
+            st = job.status()
+            if not seen or seen[-1] != st.state.value:
+                seen.append(st.state.value)
+            if st.state is JobState.BUILDING:
+                steps.add((st.step, st.steps))
+            if st.ready:
+                break
+            time.sleep(0.05)
+        answer = job.result(timeout=5)
+        cleanup_images.append(answer.image_tag)
+        lines = list(job.logs())  # a late reader still gets every line
+    assert seen == sorted(seen, key=ORDER.index), seen
+    assert {"building", "saving_tarball", "success"} <= set(seen)
+    assert any(step and total and 0 < step <= total for step, total in steps), steps
+    assert any("tick 6" in ln for ln in lines)
+    assert any(ln.startswith("Step 1/") for ln in lines)
+
+
+def test_two_profiles_build_in_parallel_on_two_workers(farm: dict[str, Any], repo: Path,
+                                                      cleanup_images: list[str]) -> None:
+    with BuildClient(farm["url"]) as client:
+        jobs = [client.submit({"repo_dir": str(repo), "profile": _profile(repo, "sleep 4")})
+                for _ in range(2)]
+        overlap = False
+        while not all(j.status().ready for j in jobs):
+            states = [j.status().state for j in jobs]
+            overlap |= all(s is JobState.BUILDING for s in states)
+            time.sleep(0.1)
+        answers = [j.result(timeout=5) for j in jobs]
+    cleanup_images.extend(a.image_tag for a in answers)
+    assert len({a.profile_id for a in answers}) == 2
+    assert len({a.worker.split(":")[0] for a in answers}) == 2  # one build on each worker
+    assert overlap
+
+
+def test_bad_request_comes_back_structured_without_a_build(farm: dict[str, Any],
+                                                           repo: Path, docker_engine) -> None:  # type: ignore[no-untyped-def]
+    profile = _profile(repo)
+    with BuildClient(farm["url"]) as client:
+        job = client.submit({"repo_dir": str(repo / "does-not-exist"), "profile": profile})
+        with pytest.raises(BadRequest, match="does not exist") as info:
+            job.result(timeout=60)
+        assert info.value.to_info().type == "bad_request"
+        assert job.status().state is JobState.FAILURE
+        # refused in the client before anything is queued
+        with pytest.raises(BadRequest, match="inject"):
+            client.submit({"repo_dir": str(repo),
+                           "profile": {**profile, "install_cmds": ["echo\nRUN x"]}})
+    from pfbuild.client.profile import parse_profile
+
+    tag = f"patchfoundry/{parse_profile(profile).profile_id}:latest"
+    assert docker_engine.inspect(tag) is None
+
+
+def test_failed_build_reaches_every_waiter_and_the_next_submit_starts_afresh(
+        farm: dict[str, Any], repo: Path) -> None:
+    request = {"repo_dir": str(repo), "profile": _profile(repo, "pip install -r nope.txt")}
+    with BuildClient(farm["url"]) as client:
+        jobs = [client.submit(request) for _ in range(3)]
+        assert len({j.id for j in jobs}) == 1
+        errors = []
+        for j in jobs:
+            with pytest.raises(PfbuildError) as info:
+                j.result(timeout=300)
+            errors.append(info.value)
+        assert all(e.type == "build_failed" for e in errors)
+        failure = errors[0].failure
+        assert failure and failure.failure_class.value == "missing_install_mechanism"
+        assert errors[0].build_log_path and Path(errors[0].build_log_path).exists()
+        fresh = client.submit(request)
+        assert fresh.id != jobs[0].id
+        with pytest.raises(PfbuildError):
+            fresh.result(timeout=300)
+
+
+def test_worker_killed_mid_build(docker_engine, farm_dir: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                 cleanup_images: list[str]) -> None:
+    """SIGKILL the worker that is building: the job is redelivered to the other worker
+    and finishes there, and the dead worker's lock frees itself."""
+    server = RedisServer(tmp_path)
+    env = _env(server.url, tmp_path, hard_limit=45)
+    workers = [Worker(f"k{i}", env, tmp_path) for i in (1, 2)]
+    try:
+        for w in workers:
+            w.wait_ready()
+        repo = tmp_path / "hello"
+        shutil.copytree(Path(__file__).parent.parent / "examples" / "hello", repo)
+        with BuildClient(server.url) as client:
+            job = client.submit({"repo_dir": str(repo), "profile": _profile(repo, "sleep 15")})
+            deadline = time.monotonic() + 120
+            while (st := job.status()).state is not JobState.BUILDING:
+                assert time.monotonic() < deadline, st
+                time.sleep(0.1)
+            assert st.worker
+            victim = next(w for w in workers if st.worker.startswith(f"{w.name}@"))
+            survivor = next(w for w in workers if w is not victim)
+            victim.kill()
+            killed_at = time.monotonic()
+            r = redis.Redis.from_url(server.url)
+            while r.exists(Keys.lock(st.profile_id or "")):
+                assert time.monotonic() - killed_at < 6 + 3, "the lock did not expire"
+                time.sleep(0.2)
+            answer = job.result(timeout=400)
+            cleanup_images.append(answer.image_tag)
+            assert answer.worker.startswith(f"{survivor.name}@")
+            assert answer.cache_source == "built"
+            assert int(r.get(Keys.starts(job.id)) or 0) == 2
+    finally:
+        for w in workers:
+            w.stop()
+        server.stop()
