@@ -215,7 +215,8 @@ class BuildClient:
                 existing = self.redis.get(key)
                 if existing is None:
                     continue  # the flight just ended; try to start the next one
-                other = BuildJob(self, existing.decode(), profile_id, joined=True)
+                other_id = existing.decode() if isinstance(existing, bytes) else str(existing)
+                other = BuildJob(self, other_id, profile_id, joined=True)
                 if other.status().state in (JobState.FAILURE, JobState.CANCELLED):
                     # a failed flight is over: the next submit starts afresh
                     self.redis.eval(_DELETE_IF, 1, key, other.id)

@@ -164,6 +164,32 @@ def test_two_profiles_build_in_parallel_on_two_workers(farm: dict[str, Any], rep
     assert overlap
 
 
+def test_lock_wait_frees_the_worker_slot(farm: dict[str, Any], repo: Path,
+                                        cleanup_images: list[str]) -> None:
+    """A forced rebuild of a profile that is building waits for the lock by retrying,
+    so its worker (one slot each here) runs another profile's job meanwhile."""
+    profile = _profile(repo, "sleep 10")
+    with BuildClient(farm["url"]) as client:
+        first = client.submit({"repo_dir": str(repo), "profile": profile})
+        while first.status().state is not JobState.BUILDING:
+            time.sleep(0.1)
+        forced = client.submit({"repo_dir": str(repo), "profile": profile,
+                                "force_rebuild": True})
+        assert forced.id != first.id
+        waited = False
+        while not waited and not forced.status().ready:
+            waited = forced.status().state is JobState.WAITING_FOR_LOCK
+            time.sleep(0.05)
+        assert waited
+        other = client.submit({"repo_dir": str(repo), "profile": _profile(repo, "true")})
+        quick = other.result(timeout=120)
+        assert not first.status().ready  # the other job ran while the profile was locked
+        a, b = first.result(timeout=300), forced.result(timeout=300)
+    cleanup_images.extend([a.image_tag, quick.image_tag])
+    assert b.cache_source == "built" and b.timings.lock_wait > 0
+    assert b.manifest.force_rebuild and a.image_tag == b.image_tag
+
+
 def test_bad_request_comes_back_structured_without_a_build(farm: dict[str, Any],
                                                            repo: Path, docker_engine) -> None:  # type: ignore[no-untyped-def]
     profile = _profile(repo)

@@ -123,7 +123,8 @@ def register(
                 forced = bool((kwargs.get("request") or {}).get("force_rebuild"))
                 client().eval(_DELETE_IF_MINE, 1, Keys.flight(profile_id, forced), task_id)
 
-    @app.task(bind=True, base=BuildTask, name=TASK_NAME)
+    # max_retries=None: lock waits retry until Settings.lock_wait_max, checked in the task
+    @app.task(bind=True, base=BuildTask, name=TASK_NAME, max_retries=None)  # type: ignore[untyped-decorator]
     def build(
         self: Task,
         request: dict[str, Any],
@@ -137,7 +138,11 @@ def register(
             # cancelled while queued, and this worker missed the revoke broadcast
             raise Ignore()
         worker = f"{self.request.hostname or settings.host_id}:{os.getpid()}"
-        base = {"profile_id": profile_id, "worker": worker, "docker_host": settings.host_id}
+        base: dict[str, Any] = {
+            "profile_id": profile_id,
+            "worker": worker,
+            "docker_host": settings.host_id,
+        }
         try:
             req = BuildRequest.model_validate(request)
             resolved = resolve_request(req, settings)
@@ -156,7 +161,6 @@ def register(
                 # Retrying frees this worker slot; the job comes back in a moment.
                 raise self.retry(
                     countdown=settings.lock_poll_seconds,
-                    max_retries=None,
                     kwargs={
                         "request": request,
                         "profile_id": profile_id,
@@ -206,4 +210,4 @@ def register(
                 f"internal error in the worker: {type(exc).__name__}: {exc}"
             ) from None
 
-    return build  # type: ignore[no-any-return]
+    return build

@@ -1,0 +1,160 @@
+"""Client logic on a fake Redis server: single flight, states, the reporter's throttle."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakeredis import TcpFakeServer
+
+from pfbuild.client.errors import BuildFailed, JobTimeout, QueueUnavailable
+from pfbuild.client.jobs import BuildClient
+from pfbuild.client.queue import JobState, Keys, celery_state, job_state
+from pfbuild.client.settings import Settings
+from pfbuild.worker.tasks import Reporter
+
+PROFILE = {"install_cmds": ["pip install ."], "env": {"A": "1"}}
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    yield f"redis://{host!s}:{port}/0"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def client(url: str) -> Iterator[BuildClient]:
+    with BuildClient(url, Settings(redis_url=url)) as c:
+        yield c
+
+
+def _req(tmp_path: Path, **kw: Any) -> dict[str, Any]:
+    return {"repo_dir": str(tmp_path), "profile": PROFILE, **kw}
+
+
+def test_same_profile_joins_one_flight(client: BuildClient, tmp_path: Path) -> None:
+    first = client.submit(_req(tmp_path))
+    second = client.submit(_req(tmp_path))
+    assert second.id == first.id and second.joined and not first.joined
+    assert first.status().state is JobState.QUEUED
+
+
+def test_forced_rebuild_never_joins_an_unforced_flight(client: BuildClient,
+                                                       tmp_path: Path) -> None:
+    plain = client.submit(_req(tmp_path))
+    forced = client.submit(_req(tmp_path, force_rebuild=True))
+    assert forced.id != plain.id
+    assert client.submit(_req(tmp_path, force_rebuild=True)).id == forced.id
+
+
+def test_concurrent_submits_make_one_job(client: BuildClient, tmp_path: Path) -> None:
+    with ThreadPoolExecutor(16) as pool:
+        ids = set(pool.map(lambda _: client.submit(_req(tmp_path)).id, range(50)))
+    assert len(ids) == 1
+    (job_id,) = ids
+    assert client.redis.llen("pfbuild") == 1  # exactly one message on the queue
+
+
+def test_failed_flight_fails_every_waiter_then_starts_afresh(client: BuildClient,
+                                                            tmp_path: Path) -> None:
+    job = client.submit(_req(tmp_path))
+    waiter = client.submit(_req(tmp_path))
+    client.app.backend.mark_as_failure(job.id, BuildFailed("it broke", build_log_path="/x"))
+    for handle in (job, waiter):
+        with pytest.raises(BuildFailed, match="it broke") as info:
+            handle.result(timeout=1)
+        assert info.value.build_log_path == "/x"
+    fresh = client.submit(_req(tmp_path))
+    assert fresh.id != job.id and not fresh.joined
+
+
+def test_profile_path_is_read_by_the_client(client: BuildClient, tmp_path: Path) -> None:
+    (tmp_path / "p.json").write_text(json.dumps(PROFILE))
+    job = client.submit({"repo_dir": str(tmp_path), "profile_path": str(tmp_path / "p.json")})
+    assert job.id == client.submit(_req(tmp_path)).id  # same profile, inline or by path
+    import base64
+
+    message = json.loads(client.redis.lindex("pfbuild", 0))
+    _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+    assert kwargs["request"]["profile"] == PROFILE  # the worker gets it inline
+    assert kwargs["request"]["profile_path"] is None
+
+
+def test_result_timeout_and_status_stage(client: BuildClient, tmp_path: Path) -> None:
+    job = client.submit(_req(tmp_path))
+    client.app.backend.store_result(job.id, {"stage": "building", "step": 3, "steps": 9,
+                                             "line": "Step 3/9 : RUN x"}, "BUILDING")
+    st = job.status()
+    assert (st.state, st.step, st.steps, st.line) == (JobState.BUILDING, 3, 9, "Step 3/9 : RUN x")
+    with pytest.raises(JobTimeout):
+        job.result(timeout=0.3)
+
+
+def test_no_redis_configured_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PFBUILD_REDIS_URL", raising=False)
+    with pytest.raises(QueueUnavailable, match="PFBUILD_REDIS_URL"):
+        BuildClient(settings=Settings())
+
+
+@pytest.mark.parametrize(
+    ("celery", "ours"),
+    [("PENDING", "queued"), ("STARTED", "rendering"), ("RETRY", "waiting_for_lock"),
+     ("BUILDING", "building"), ("SAVING_TARBALL", "saving_tarball"), ("SUCCESS", "success"),
+     ("FAILURE", "failure"), ("REVOKED", "cancelled"), ("WHATEVER", "queued")],
+)
+def test_state_mapping(celery: str, ours: str) -> None:
+    assert job_state(celery).value == ours
+
+
+def test_stage_states_round_trip() -> None:
+    for state in JobState:
+        if state not in (JobState.SUCCESS, JobState.FAILURE, JobState.QUEUED,
+                         JobState.CANCELLED):
+            assert job_state(celery_state(state)) is state
+
+
+class _Task:
+    def __init__(self) -> None:
+        self.updates: list[tuple[str, dict[str, Any]]] = []
+
+    def update_state(self, state: str, meta: dict[str, Any]) -> None:
+        self.updates.append((state, meta))
+
+
+def test_reporter_publishes_stage_changes_and_throttles_lines() -> None:
+    import fakeredis
+
+    r = fakeredis.FakeRedis()
+    task = _Task()
+    rep = Reporter(task, r, "job1", {"profile_id": "p"})  # type: ignore[arg-type]
+    rep("rendering")
+    rep("building", step=1, steps=3, line="Step 1/3 : FROM x")
+    for i in range(100):
+        rep("building", step=2, steps=3, line=f"line {i}")
+    rep("saving_tarball")
+    states = [s for s, _ in task.updates]
+    assert states == ["RENDERING", "BUILDING", "SAVING_TARBALL"]
+    assert task.updates[1][1]["step"] == 1 and task.updates[1][1]["profile_id"] == "p"
+    assert r.llen(Keys.log("job1")) == 101  # every line kept, though few were published
+
+
+def test_reporter_stops_a_build_whose_lock_is_gone() -> None:
+    import fakeredis
+
+    from pfbuild.client.errors import LockLost
+
+    def lost() -> None:
+        raise LockLost("gone")
+
+    rep = Reporter(_Task(), fakeredis.FakeRedis(), "j", {}, check=lost)  # type: ignore[arg-type]
+    with pytest.raises(LockLost):
+        rep("building", line="x")

@@ -1,0 +1,76 @@
+"""The profile lock's logic, on fakeredis: owners, TTL, renewal, loss and fencing."""
+
+from __future__ import annotations
+
+import time
+
+import fakeredis
+import pytest
+
+from pfbuild.client.errors import LockLost
+from pfbuild.client.queue import Keys
+from pfbuild.worker.lock import ProfileLock
+
+
+@pytest.fixture
+def r() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+def test_one_holder_at_a_time_with_increasing_fences(r: fakeredis.FakeRedis) -> None:
+    a = ProfileLock(r, "p", ttl=5, owner="a")
+    b = ProfileLock(r, "p", ttl=5, owner="b")
+    assert a.acquire() and not b.acquire()
+    assert a.holder() == a.token and a.token.startswith("a:")
+    a.check()
+    a.release()
+    assert b.acquire() and b.fence is not None and a.fence is not None
+    assert b.fence > a.fence
+    with pytest.raises(LockLost):
+        a.check()  # released: no longer ours
+
+
+def test_expired_lock_is_lost_and_taken_over(r: fakeredis.FakeRedis) -> None:
+    a = ProfileLock(r, "p", ttl=0.3, owner="a")
+    assert a.acquire()
+    time.sleep(0.5)
+    b = ProfileLock(r, "p", ttl=5, owner="b")
+    assert b.acquire()
+    with pytest.raises(LockLost, match="expired or was taken over"):
+        a.check()
+    a.release()  # must not free b's lock
+    assert r.get(Keys.lock("p")) == b.token.encode()
+    b.check()
+
+
+def test_watchdog_keeps_a_long_build_locked(r: fakeredis.FakeRedis) -> None:
+    a = ProfileLock(r, "p", ttl=0.6, owner="a")
+    assert a.acquire()
+    with a.watchdog():
+        time.sleep(1.5)  # 2.5 TTLs
+        a.check()
+        assert not ProfileLock(r, "p", ttl=5, owner="b").acquire()
+    a.release()
+    assert r.get(Keys.lock("p")) is None
+
+
+def test_watchdog_flags_a_lock_taken_from_under_it(r: fakeredis.FakeRedis) -> None:
+    a = ProfileLock(r, "p", ttl=0.6, owner="a")
+    assert a.acquire()
+    with a.watchdog():
+        r.delete(Keys.lock("p"))  # as if it had expired during a stall
+        b = ProfileLock(r, "p", ttl=5, owner="b")
+        assert b.acquire()
+        time.sleep(0.5)
+        assert a.lost.is_set()
+        with pytest.raises(LockLost):
+            a.check()
+    b.check()
+
+
+def test_stale_fence_is_refused_even_if_the_token_matches(r: fakeredis.FakeRedis) -> None:
+    a = ProfileLock(r, "p", ttl=5, owner="a")
+    assert a.acquire()
+    r.incr(Keys.fence("p"))  # someone else acquired in between, as far as fences go
+    with pytest.raises(LockLost, match="fence"):
+        a.check()
