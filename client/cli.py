@@ -318,6 +318,39 @@ def bench_tarball(
     _print_rows("tarball: pfbuild vs docker CLI", tarball_bench(Settings(), tag, rounds), as_json)
 
 
+@bench_app.command("queue")
+def bench_queue(
+    repo: Annotated[Path, typer.Option(help="Repository with a repo_profile.json.")] = Path(
+        "examples/hello"
+    ),
+    rounds: Annotated[int, typer.Option(help="Cache-hit rounds.")] = 20,
+    builds: Annotated[int, typer.Option(help="Real-build rounds.")] = 2,
+    submits: Annotated[int, typer.Option(help="Concurrent submits of one profile.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """The queue's overhead, on a redis-server and a celery worker it starts itself."""
+    from pfbuild.worker.bench import queue_bench
+
+    rows = queue_bench(Settings(), repo, rounds=rounds, builds=builds, submits=submits)
+    if as_json:
+        _emit({"benchmark": "queue", "rows": rows})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="queue: pfbuild vs baseline (same run)")
+    for col in ("measure", "baseline_s", "pfbuild_s", "ratio", "goal"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(
+            *(
+                f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
+                for c in ("measure", "baseline_s", "pfbuild_s", "ratio", "goal")
+            )
+        )
+    Console(width=200).print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code instead of calling ``sys.exit`` itself."""
     try:

@@ -11,6 +11,7 @@ from celery.backends.redis import RedisBackend
 from pfbuild.client.settings import Settings
 
 __all__ = [
+    "PING_TASK",
     "TASK_NAME",
     "JobState",
     "Keys",
@@ -21,6 +22,7 @@ __all__ = [
 ]
 
 TASK_NAME = "pfbuild.build"
+PING_TASK = "pfbuild.ping"
 QUEUE = "pfbuild"
 
 

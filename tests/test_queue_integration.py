@@ -19,7 +19,7 @@ import redis
 from pfbuild.client.errors import BadRequest, PfbuildError
 from pfbuild.client.jobs import BuildClient
 from pfbuild.client.queue import JobState, Keys
-from tests.farm import RedisServer, Worker
+from pfbuild.worker.localfarm import RedisServer, Worker
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 

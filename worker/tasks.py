@@ -20,7 +20,7 @@ from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
 from pfbuild.client.errors import BadRequest, JobTimeout, PfbuildError
 from pfbuild.client.models import BuildRequest, Timings
-from pfbuild.client.queue import TASK_NAME, JobState, Keys, celery_state
+from pfbuild.client.queue import PING_TASK, TASK_NAME, JobState, Keys, celery_state
 from pfbuild.client.settings import Settings
 from pfbuild.worker.engine import DockerEngine, Engine
 from pfbuild.worker.lock import ProfileLock
@@ -122,6 +122,11 @@ def register(
             if profile_id:
                 forced = bool((kwargs.get("request") or {}).get("force_rebuild"))
                 client().eval(_DELETE_IF_MINE, 1, Keys.flight(profile_id, forced), task_id)
+
+    @app.task(name=PING_TASK)  # type: ignore[untyped-decorator]
+    def ping() -> str:
+        """A task that does nothing: the baseline of the queue benchmark."""
+        return "pong"
 
     # max_retries=None: lock waits retry until Settings.lock_wait_max, checked in the task
     @app.task(bind=True, base=BuildTask, name=TASK_NAME, max_retries=None)  # type: ignore[untyped-decorator]

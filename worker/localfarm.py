@@ -1,4 +1,6 @@
-"""Real services for integration tests: a redis-server and `celery worker` processes."""
+"""Real services started on this machine: a ``redis-server`` and ``celery worker``
+processes. The integration tests and the benchmarks run the farm on these, so that
+what they measure is the real broker and real worker processes."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import redis
 
+__all__ = ["RedisServer", "Worker", "free_port"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -20,13 +24,27 @@ def free_port() -> int:
 
 
 class RedisServer:
+    """A throwaway redis-server on a free loopback port, without persistence."""
+
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url)
         for _ in range(100):
@@ -48,11 +66,24 @@ class Worker:
     def __init__(self, name: str, env: dict[str, str], logdir: Path, concurrency: int = 1) -> None:
         self.name = name
         self.log = logdir / f"{name}.log"
+        self._log_file = open(self.log, "wb")  # noqa: SIM115 (lives as long as the worker)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "pfbuild.worker", "worker",
-             f"--hostname={name}@%h", f"--concurrency={concurrency}", "--loglevel=INFO",
-             "--without-gossip", "--without-mingle"],
-            env={**os.environ, **env}, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "pfbuild.worker",
+                "worker",
+                f"--hostname={name}@%h",
+                f"--concurrency={concurrency}",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            env={**os.environ, **env},
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so a kill takes the pool too
         )
 
@@ -70,8 +101,10 @@ class Worker:
         """SIGKILL the whole worker: main process and pool children, no goodbyes."""
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+        self._log_file.close()
 
     def stop(self) -> None:
+        self._log_file.close()
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
