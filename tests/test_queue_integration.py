@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -266,3 +269,70 @@ def test_worker_killed_mid_build(docker_engine, farm_dir: Path, tmp_path: Path, 
         for w in workers:
             w.stop()
         server.stop()
+
+
+def _cli(*args: str, env: dict[str, str], stdin: str | None = None) -> tuple[int, str]:
+    """Run the CLI with exactly ``env`` on top of os.environ less PFBUILD_REDIS_URL."""
+    base = {k: v for k, v in os.environ.items() if k != "PFBUILD_REDIS_URL"}
+    proc = subprocess.run([sys.executable, "-m", "pfbuild.client.cli", *args], input=stdin,
+                          capture_output=True, text=True, env={**base, **env}, timeout=600)
+    return proc.returncode, proc.stdout
+
+
+def test_cli_submit_status_wait_logs(farm: dict[str, Any], repo: Path,
+                                     cleanup_images: list[str]) -> None:
+    env = {"PFBUILD_REDIS_URL": farm["url"]}
+    (repo / "p.json").write_text(json.dumps(_profile(repo)))
+    code, out = _cli("submit", "--repo-dir", str(repo), "--profile", str(repo / "p.json"),
+                     "--json", env=env)
+    assert code == 0, out
+    job_id = json.loads(out)["job_id"]
+    code, out = _cli("wait", job_id, "--json", env=env)
+    assert code == 0, out
+    answer = json.loads(out)
+    cleanup_images.append(answer["image_tag"])
+    assert answer["cache_source"] == "built"
+    code, out = _cli("status", job_id, env=env)
+    assert code == 0 and json.loads(out)["state"] == "success"
+    code, out = _cli("logs", job_id, env=env)
+    assert code == 0 and "Successfully tagged" in out
+
+
+def test_cancel_a_queued_job(farm: dict[str, Any], repo: Path, docker_engine,  # type: ignore[no-untyped-def]
+                             cleanup_images: list[str]) -> None:
+    from pfbuild.client.errors import JobCancelled
+    from pfbuild.client.profile import parse_profile
+
+    with BuildClient(farm["url"]) as client:
+        busy = [client.submit({"repo_dir": str(repo), "profile": _profile(repo, "sleep 6")})
+                for _ in range(2)]  # one per worker: the next job stays queued
+        while not all(b.status().state is JobState.BUILDING for b in busy):
+            time.sleep(0.1)
+        profile = _profile(repo, "true")
+        queued = client.submit({"repo_dir": str(repo), "profile": profile})
+        assert queued.status().state is JobState.QUEUED
+        queued.cancel()
+        with pytest.raises(JobCancelled):
+            queued.result(timeout=5)
+        cleanup_images.extend(b.result(timeout=300).image_tag for b in busy)
+        time.sleep(2)  # the workers are free again and had the chance to take it
+        assert queued.status().state is JobState.CANCELLED
+        tag = f"patchfoundry/{parse_profile(profile).profile_id}:latest"
+        assert docker_engine.inspect(tag) is None
+        # the profile is not stuck: a new submit builds it
+        fresh = client.submit({"repo_dir": str(repo), "profile": profile})
+        assert fresh.id != queued.id
+        cleanup_images.append(fresh.result(timeout=300).image_tag)
+
+
+def test_embedded_default_builds_without_redis(docker_engine, repo: Path,  # type: ignore[no-untyped-def]
+                                               cleanup_images: list[str]) -> None:
+    """The README's main command: no PFBUILD_REDIS_URL, `pfbuild submit --wait`."""
+    (repo / "p.json").write_text(json.dumps(_profile(repo)))
+    request = json.dumps({"repo_dir": str(repo), "profile_path": str(repo / "p.json")})
+    code, out = _cli("submit", "--wait", "--json", env={}, stdin=request)
+    assert code == 0, out
+    answer = json.loads(out)
+    cleanup_images.append(answer["image_tag"])
+    assert answer["cache_source"] == "built" and answer["timings"]["queue_wait"] >= 0
+    assert docker_engine.inspect(answer["image_tag"]).id == answer["image_id"]
