@@ -158,3 +158,24 @@ def test_reporter_stops_a_build_whose_lock_is_gone() -> None:
     rep = Reporter(_Task(), fakeredis.FakeRedis(), "j", {}, check=lost)  # type: ignore[arg-type]
     with pytest.raises(LockLost):
         rep("building", line="x")
+
+
+def test_result_and_await_return_the_workers_answer(client: BuildClient, tmp_path: Path) -> None:
+    import asyncio
+
+    from pfbuild.client.models import BuildRequest
+    from pfbuild.worker.pipeline import run_build
+    from tests.fakes import FakeEngine
+
+    (tmp_path / "setup.py").write_text("")
+    job = client.submit(_req(tmp_path))
+    answer = run_build(BuildRequest.model_validate(_req(tmp_path)),
+                       Settings(tmp_dir=tmp_path / "t", host_id="h"), FakeEngine())
+    client.app.backend.store_result(job.id, answer.model_dump(mode="json"), "SUCCESS")
+    assert job.result(timeout=1) == answer
+
+    async def both() -> list[Any]:
+        return list(await asyncio.gather(job, job.result_async(timeout=1)))
+
+    assert asyncio.run(both()) == [answer, answer]
+    assert job.status().state is JobState.SUCCESS

@@ -16,9 +16,9 @@ from typing import Any
 
 import redis
 from celery import Celery, Task
-from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
-from pfbuild.client.errors import BadRequest, JobTimeout, PfbuildError
+from pfbuild.client.errors import BadRequest, JobTimeout, LockLost, PfbuildError
 from pfbuild.client.models import BuildRequest, Timings
 from pfbuild.client.queue import PING_TASK, TASK_NAME, JobState, Keys, celery_state
 from pfbuild.client.settings import Settings
@@ -207,6 +207,12 @@ def register(
                 f"the build of {profile_id} exceeded the soft time limit of "
                 f"{settings.build_soft_time_limit}s and was stopped"
             ) from None
+        except LockLost:
+            # Someone else may be running this very job now (a redelivery); publishing a
+            # failure would end their flight. Put the job back instead: whoever gets it
+            # next finds the lock held or the image built.
+            log.warning("job %s lost its lock on %s; requeued", job_id, profile_id)
+            raise Reject(requeue=True) from None
         except (PfbuildError, Retry, Ignore):
             raise
         except Exception as exc:

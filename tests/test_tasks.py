@@ -1,0 +1,82 @@
+"""The Celery task's own logic, run eagerly on a fake Redis server with the fake engine."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fakeredis import TcpFakeServer
+
+from pfbuild.client.queue import Keys, make_celery
+from pfbuild.client.settings import Settings
+from pfbuild.worker.lock import ProfileLock
+from pfbuild.worker.tasks import register
+from tests.fakes import FakeEngine
+
+PROFILE = {"install_cmds": ["pip install ."], "env": {}}
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    yield f"redis://{host!s}:{port}/0"
+    server.shutdown()
+    server.server_close()
+
+
+def _setup(url: str, tmp_path: Path, engine: FakeEngine) -> tuple[Any, dict[str, Any], Path]:
+    settings = Settings(redis_url=url, tmp_dir=tmp_path / "t", host_id="h", max_deliveries=2)
+    app = make_celery(settings, url)
+    task = register(app, settings, engine_factory=lambda: engine)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    from pfbuild.client.profile import parse_profile
+
+    kwargs = {"request": {"repo_dir": str(repo), "profile": PROFILE, "force_rebuild": False},
+              "profile_id": parse_profile(PROFILE).profile_id, "submitted_at": 0.0}
+    return task, kwargs, repo
+
+
+def test_a_build_that_loses_its_lock_publishes_nothing(url: str, tmp_path: Path) -> None:
+    engine = FakeEngine()
+    task, kwargs, repo = _setup(url, tmp_path, engine)
+    r = redis.Redis.from_url(url)
+    pid = kwargs["profile_id"]
+
+    def steal(dockerfile: str) -> list[str]:
+        r.delete(Keys.lock(pid))  # our lock expired during a stall...
+        assert ProfileLock(r, pid, ttl=30, owner="thief").acquire()  # ...and was taken
+        return ["Step 1/2 : FROM x", "Step 2/2 : RUN y"]
+
+    engine.build_log = steal
+    result = task.apply(kwargs=kwargs, task_id="job-1")
+    assert result.state == "REJECTED"  # requeued, not failed: no flight is ended
+    assert not list((repo / ".pf_manifest").rglob("manifest.json"))
+    assert not list((tmp_path / "t" / "image-cache").glob("*.tar*"))
+
+
+def test_redelivery_cap_fails_the_job_with_a_clear_error(url: str, tmp_path: Path) -> None:
+    task, kwargs, _ = _setup(url, tmp_path, FakeEngine())
+    redis.Redis.from_url(url).set(Keys.starts("job-2"), 2)  # two earlier starts died
+    result = task.apply(kwargs=kwargs, task_id="job-2")
+    assert result.state == "FAILURE"
+    assert "giving up" in str(result.result)
+
+
+def test_success_returns_the_answer_and_ends_the_flight(url: str, tmp_path: Path) -> None:
+    engine = FakeEngine()
+    task, kwargs, _ = _setup(url, tmp_path, engine)
+    r = redis.Redis.from_url(url)
+    r.set(Keys.flight(kwargs["profile_id"], False), "job-3")
+    result = task.apply(kwargs=kwargs, task_id="job-3")
+    assert result.state == "SUCCESS" and result.result["cache_source"] == "built"
+    assert result.result["docker_host"] == "h" and result.result["manifest"]["worker"]
+    assert r.get(Keys.flight(kwargs["profile_id"], False)) is None
+    assert r.get(Keys.lock(kwargs["profile_id"])) is None  # released
+    assert int(r.get(Keys.starts("job-3"))) == 1
