@@ -28,15 +28,17 @@ from pydantic import BaseModel
 from pfbuild.client.errors import JobCancelled, JobTimeout, PfbuildError, QueueUnavailable
 from pfbuild.client.models import BuildAnswer, BuildRequest
 from pfbuild.client.profile import load_profile_file, parse_profile
-from pfbuild.client.queue import TASK_NAME, JobState, Keys, job_state, make_celery
+from pfbuild.client.queue import (
+    TASK_NAME,
+    JobState,
+    Keys,
+    delete_if_value,
+    job_state,
+    make_celery,
+)
 from pfbuild.client.settings import Settings
 
 __all__ = ["BuildClient", "BuildJob", "JobStatus"]
-
-_DELETE_IF = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
 
 
 def _backoff(ceiling: float, start: float = 0.01, factor: float = 1.5) -> Iterator[float]:
@@ -172,7 +174,7 @@ class BuildJob:
         self.client.app.backend.mark_as_revoked(self.id, reason="cancelled by the client")
         if self.profile_id:
             for forced in (False, True):
-                self.client.redis.eval(_DELETE_IF, 1, Keys.flight(self.profile_id, forced), self.id)
+                delete_if_value(self.client.redis, Keys.flight(self.profile_id, forced), self.id)
 
 
 class BuildClient:
@@ -232,7 +234,7 @@ class BuildClient:
                 other = BuildJob(self, other_id, profile_id, joined=True)
                 if other.status().state in (JobState.FAILURE, JobState.CANCELLED):
                     # a failed flight is over: the next submit starts afresh
-                    self.redis.eval(_DELETE_IF, 1, key, other.id)
+                    delete_if_value(self.redis, key, other.id)
                     continue
                 return other
         except redis.RedisError as exc:
@@ -251,7 +253,7 @@ class BuildClient:
                 task_id=job_id,
             )
         except Exception as exc:
-            self.redis.eval(_DELETE_IF, 1, key, job_id)  # nobody may join a job never sent
+            delete_if_value(self.redis, key, job_id)  # nobody may join a job never sent
             raise QueueUnavailable(f"cannot enqueue the build: {exc}") from None
 
     def submit_many(self, requests: Iterable[BuildRequest | dict[str, Any]]) -> list[BuildJob]:

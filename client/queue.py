@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from enum import Enum
 
+import redis
 from celery import Celery
 from celery.backends.redis import RedisBackend
 
@@ -17,6 +18,7 @@ __all__ = [
     "Keys",
     "PollingRedisBackend",
     "celery_state",
+    "delete_if_value",
     "job_state",
     "make_celery",
 ]
@@ -93,6 +95,18 @@ class Keys:
     @staticmethod
     def starts(job_id: str) -> str:
         return f"pfbuild:starts:{job_id}"
+
+
+_DELETE_IF_VALUE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+def delete_if_value(client: redis.Redis, key: str, value: str) -> bool:
+    """Delete ``key`` only if it still holds ``value`` (atomically, in Redis): a flight
+    key is ended only by the job it names, never a newer one."""
+    return bool(client.eval(_DELETE_IF_VALUE, 1, key, value))
 
 
 class PollingRedisBackend(RedisBackend):  # type: ignore[misc]

@@ -67,3 +67,12 @@ def cleanup_images(docker_engine) -> Iterator[list[str]]:  # type: ignore[no-unt
     yield tags
     for tag in tags:
         docker_engine.remove(tag)
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    """A fake Redis server (fakeredis over TCP) for unit tests of queue logic."""
+    from pfbuild.worker.embedded import fake_redis_server
+
+    with fake_redis_server() as server_url:
+        yield server_url

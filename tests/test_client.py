@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fakeredis import TcpFakeServer
 
 from pfbuild.client.errors import BuildFailed, JobTimeout, QueueUnavailable
 from pfbuild.client.jobs import BuildClient
@@ -19,16 +17,6 @@ from pfbuild.client.settings import Settings
 from pfbuild.worker.tasks import Reporter
 
 PROFILE = {"install_cmds": ["pip install ."], "env": {"A": "1"}}
-
-
-@pytest.fixture
-def url() -> Iterator[str]:
-    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    host, port = server.server_address[:2]
-    yield f"redis://{host!s}:{port}/0"
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ def _render(doc: dict[str, object], variant: str) -> str:
     return render(
         parse_profile(doc),
         VARIANTS[variant],
-        base_image="python:{version}-slim".format(version=parse_profile(doc).python_version),
+        base_image=f"python:{parse_profile(doc).python_version}-slim",
         archive_url="http://archive.example.invalid",
     )
 

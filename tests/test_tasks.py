@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
-from fakeredis import TcpFakeServer
 
 from pfbuild.client.queue import Keys, make_celery
 from pfbuild.client.settings import Settings
@@ -18,16 +14,6 @@ from pfbuild.worker.tasks import register
 from tests.fakes import FakeEngine
 
 PROFILE = {"install_cmds": ["pip install ."], "env": {}}
-
-
-@pytest.fixture
-def url() -> Iterator[str]:
-    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    host, port = server.server_address[:2]
-    yield f"redis://{host!s}:{port}/0"
-    server.shutdown()
-    server.server_close()
 
 
 def _setup(url: str, tmp_path: Path, engine: FakeEngine) -> tuple[Any, dict[str, Any], Path]:

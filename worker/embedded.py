@@ -7,34 +7,39 @@ code a real worker does, so the README's main command goes through the real queu
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from pfbuild.client.settings import Settings
 
-__all__ = ["embedded_farm"]
+__all__ = ["embedded_farm", "fake_redis_server"]
 
-log = logging.getLogger(__name__)
+
+@contextmanager
+def fake_redis_server() -> Iterator[str]:
+    """fakeredis serving the Redis protocol on a free loopback port; yields its URL."""
+    from fakeredis import TcpFakeServer
+
+    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+    thread = threading.Thread(target=server.serve_forever, name="pfbuild-fake-redis", daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    try:
+        yield f"redis://{host!s}:{port}/0"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @contextmanager
 def embedded_farm(settings: Settings, concurrency: int = 2) -> Iterator[str]:
     """Yield the URL of an in-process Redis with a worker consuming from it."""
     from celery.contrib.testing.worker import start_worker
-    from fakeredis import TcpFakeServer
 
     from pfbuild.worker.celery_app import create_app
 
-    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
-    thread = threading.Thread(
-        target=server.serve_forever, name="pfbuild-embedded-redis", daemon=True
-    )
-    thread.start()
-    host, port = server.server_address[:2]
-    url = f"redis://{host!s}:{port}/0"
-    try:
+    with fake_redis_server() as url:
         app = create_app(settings, url)
         with start_worker(
             app,
@@ -45,6 +50,3 @@ def embedded_farm(settings: Settings, concurrency: int = 2) -> Iterator[str]:
             shutdown_timeout=30.0,
         ):
             yield url
-    finally:
-        server.shutdown()
-        server.server_close()

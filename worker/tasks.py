@@ -20,7 +20,14 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
 from pfbuild.client.errors import BadRequest, JobTimeout, LockLost, PfbuildError
 from pfbuild.client.models import BuildRequest, Timings
-from pfbuild.client.queue import PING_TASK, TASK_NAME, JobState, Keys, celery_state
+from pfbuild.client.queue import (
+    PING_TASK,
+    TASK_NAME,
+    JobState,
+    Keys,
+    celery_state,
+    delete_if_value,
+)
 from pfbuild.client.settings import Settings
 from pfbuild.worker.engine import DockerEngine, Engine
 from pfbuild.worker.lock import ProfileLock
@@ -32,13 +39,6 @@ log = logging.getLogger(__name__)
 
 _LOG_KEEP = 50_000  # lines kept per job in Redis; the full log is in build.log
 _PUBLISH_EVERY = 0.5  # seconds between two state updates within one stage
-
-
-# Flight keys are deleted only by the job they name: a later job's key survives.
-_DELETE_IF_MINE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
 
 
 class Reporter:
@@ -121,7 +121,7 @@ def register(
             profile_id = (kwargs or {}).get("profile_id")
             if profile_id:
                 forced = bool((kwargs.get("request") or {}).get("force_rebuild"))
-                client().eval(_DELETE_IF_MINE, 1, Keys.flight(profile_id, forced), task_id)
+                delete_if_value(client(), Keys.flight(profile_id, forced), task_id)
 
     @app.task(name=PING_TASK)  # type: ignore[untyped-decorator]
     def ping() -> str:
