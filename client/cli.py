@@ -359,13 +359,18 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         return 130
-    except Exception as exc:  # click usage errors and the like
+    except Exception as exc:
         import click
 
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, click.ClickException):  # usage errors
             exc.show()
             return ExitCode.BAD_REQUEST
-        raise
+        # a bug of ours: still one JSON error on stdout, the traceback only on stderr
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        _emit({"error": {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}"}})
+        return ExitCode.INTERNAL
     return int(result) if isinstance(result, int) else ExitCode.OK
 
 

@@ -5,6 +5,7 @@
     │   └── ProfileRefused          the profile asks for something pfbuild will not build
     ├── EngineUnavailable           no Docker engine answers (or it failed outside a build)
     ├── BuildFailed                 the image build failed; carries a failure class and log
+    │   └── BuildTimeout            the build ran past the worker's time limit and was stopped
     ├── LockLost                    a worker lost its profile lock mid-build and stopped
     ├── QueueUnavailable            the broker / result backend cannot be reached
     ├── JobTimeout                  waiting for a job took longer than asked
@@ -24,6 +25,7 @@ from pfbuild.client.models import ErrorInfo, FailureInfo
 __all__ = [
     "BadRequest",
     "BuildFailed",
+    "BuildTimeout",
     "EngineUnavailable",
     "ExitCode",
     "JobCancelled",
@@ -140,6 +142,12 @@ class LockLost(PfbuildError):
     type = "lock_lost"
 
 
+class BuildTimeout(BuildFailed):
+    """The build ran past the worker's soft time limit; it was stopped and its lock freed."""
+
+    type = "build_timeout"
+
+
 class QueueUnavailable(PfbuildError):
     """The broker or result backend cannot be reached."""
 
@@ -169,6 +177,7 @@ _BY_TYPE: dict[str, type[PfbuildError]] = {
         ProfileRefused,
         EngineUnavailable,
         BuildFailed,
+        BuildTimeout,
         LockLost,
         QueueUnavailable,
         JobTimeout,

@@ -15,6 +15,7 @@ poll of a Redis key; nothing subscribes to a channel per job (celery#5320).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Generator, Iterable, Iterator
@@ -159,7 +160,10 @@ class BuildJob:
         key, index = Keys.log(self.id), 0
         while True:
             done = self.status().ready  # read before the lines, so none are missed
-            lines = self.client.redis.lrange(key, index, -1)
+            try:
+                lines = self.client.redis.lrange(key, index, -1)
+            except redis.RedisError as exc:
+                raise QueueUnavailable(f"cannot read the log of job {self.id}: {exc}") from None
             for raw in lines:
                 yield raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
             index += len(lines)
@@ -169,12 +173,23 @@ class BuildJob:
                 time.sleep(poll)
 
     def cancel(self) -> None:
-        """Revoke the job (terminating it if it runs) and leave its flight."""
-        self.client.app.control.revoke(self.id, terminate=True, signal="SIGTERM")
-        self.client.app.backend.mark_as_revoked(self.id, reason="cancelled by the client")
-        if self.profile_id:
-            for forced in (False, True):
-                delete_if_value(self.client.redis, Keys.flight(self.profile_id, forced), self.id)
+        """Revoke the job (terminating it if it runs) and leave its flight.
+
+        Every agent that joined this job's flight sees it cancelled: they share one job.
+        """
+        try:
+            # the flag outlives Celery's in-memory revoke list: a worker that starts later
+            # (or restarts) still skips the job
+            self.client.redis.set(Keys.cancel(self.id), 1, ex=self.client.settings.result_expires)
+            self.client.app.control.revoke(self.id, terminate=True, signal="SIGTERM")
+            self.client.app.backend.mark_as_revoked(self.id, reason="cancelled by the client")
+            if self.profile_id:
+                for forced in (False, True):
+                    delete_if_value(
+                        self.client.redis, Keys.flight(self.profile_id, forced), self.id
+                    )
+        except (redis.RedisError, OperationalError) as exc:
+            raise QueueUnavailable(f"cannot cancel job {self.id}: {exc}") from None
 
 
 class BuildClient:
@@ -214,6 +229,11 @@ class BuildClient:
             req = req.model_copy(
                 update={"profile": load_profile_file(req.profile_path), "profile_path": None}
             )
+        # paths mean what they mean here, not in a worker's working directory
+        update: dict[str, Any] = {"repo_dir": os.path.abspath(req.repo_dir)}
+        if req.image_cache_dir:
+            update["image_cache_dir"] = os.path.abspath(req.image_cache_dir)
+        req = req.model_copy(update=update)
         assert req.profile is not None
         return req, parse_profile(req.profile).profile_id
 
@@ -232,8 +252,9 @@ class BuildClient:
                     continue  # the flight just ended; try to start the next one
                 other_id = existing.decode() if isinstance(existing, bytes) else str(existing)
                 other = BuildJob(self, other_id, profile_id, joined=True)
-                if other.status().state in (JobState.FAILURE, JobState.CANCELLED):
-                    # a failed flight is over: the next submit starts afresh
+                if other.status().ready:
+                    # a finished flight is over (its job ends it, but may have died first):
+                    # the next submit starts afresh, and finds the image if it was built
                     delete_if_value(self.redis, key, other.id)
                     continue
                 return other

@@ -50,7 +50,7 @@ class JobState(str, Enum):
 _FROM_CELERY = {
     "PENDING": JobState.QUEUED,
     "RECEIVED": JobState.QUEUED,
-    "STARTED": JobState.RENDERING,
+    "STARTED": JobState.QUEUED,
     "RETRY": JobState.WAITING_FOR_LOCK,
     "SUCCESS": JobState.SUCCESS,
     "FAILURE": JobState.FAILURE,
@@ -91,6 +91,10 @@ class Keys:
     @staticmethod
     def fence(profile_id: str) -> str:
         return f"pfbuild:fence:{profile_id}"
+
+    @staticmethod
+    def cancel(job_id: str) -> str:
+        return f"pfbuild:cancel:{job_id}"
 
     @staticmethod
     def starts(job_id: str) -> str:
@@ -162,8 +166,9 @@ def make_celery(
         # Say explicitly that a worker started before Redis keeps retrying to connect.
         broker_connection_retry_on_startup=True,
         result_expires=settings.result_expires,
-        # STARTED and the stage states are published; clients read them by polling.
-        task_track_started=True,
+        # No STARTED: the task publishes its own stages, and a STARTED stored by each lock
+        # retry would send a waiting job's state backwards.
+        task_track_started=False,
         result_extended=True,
         worker_hijack_root_logger=False,
     )

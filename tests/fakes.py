@@ -34,6 +34,9 @@ class FakeEngine:
         self.build_ok: Callable[[str], bool] = lambda dockerfile: True
         self.refuse_loads = False
 
+    def ping(self) -> bool:
+        return True
+
     def inspect(self, tag: str) -> ImageInfo | None:
         return self.images.get(tag)
 
@@ -46,8 +49,13 @@ class FakeEngine:
                 f = tar.extractfile(m)
                 members[m.name] = f.read() if f else b""
         text = members[dockerfile].decode()
+        # what COPY would see: every file but the Dockerfile, by name and content
+        sources = hashlib.sha256(b"".join(
+            name.encode() + b"\0" + hashlib.sha256(data).digest()
+            for name, data in sorted(members.items()) if name != dockerfile)).hexdigest()
         self.builds.append({"tag": tag, "dockerfile": text, "nocache": nocache,
-                            "cache_from": cache_from, "members": sorted(members)})
+                            "cache_from": cache_from, "members": sorted(members),
+                            "sources": sources})
         for line in self.build_log(text):
             on_line(line)
         if not self.build_ok(text):

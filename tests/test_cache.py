@@ -72,7 +72,7 @@ def test_truncated_tarball_is_quarantined(tmp_path: Path) -> None:
 def test_wrong_tag_inside_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "p1.tar"
     path.write_bytes(image_tar("patchfoundry/other:latest", b"x"))
-    with pytest.raises(cache.TarballRejected, match="does not hold"):
+    with pytest.raises(cache.TarballRejected, match="carries other images"):
         cache.load_tarball(FakeEngine(), path, TAG)
 
 

@@ -95,7 +95,7 @@ def test_no_redis_configured_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
 
 @pytest.mark.parametrize(
     ("celery", "ours"),
-    [("PENDING", "queued"), ("STARTED", "rendering"), ("RETRY", "waiting_for_lock"),
+    [("PENDING", "queued"), ("STARTED", "queued"), ("RETRY", "waiting_for_lock"),
      ("BUILDING", "building"), ("SAVING_TARBALL", "saving_tarball"), ("SUCCESS", "success"),
      ("FAILURE", "failure"), ("REVOKED", "cancelled"), ("WHATEVER", "queued")],
 )
@@ -167,3 +167,15 @@ def test_result_and_await_return_the_workers_answer(client: BuildClient, tmp_pat
 
     assert asyncio.run(both()) == [answer, answer]
     assert job.status().state is JobState.SUCCESS
+
+
+def test_client_sends_absolute_paths(client: BuildClient, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+
+    monkeypatch.chdir(tmp_path)
+    client.submit({"repo_dir": ".", "profile": PROFILE, "image_cache_dir": "cache"})
+    message = json.loads(client.redis.lindex("pfbuild", 0))
+    _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+    assert kwargs["request"]["repo_dir"] == str(tmp_path)
+    assert kwargs["request"]["image_cache_dir"] == str(tmp_path / "cache")

@@ -110,9 +110,13 @@ def test_two_profiles_in_one_repo_keep_their_own_artifacts(repo: Path, settings:
 
 def test_build_context_excludes_pfbuild_output(repo: Path, settings: Settings) -> None:
     engine = FakeEngine()
-    run_build(_req(repo), settings, engine)
+    run_build(_req(repo), settings, engine)  # writes .pf_manifest/... and a build.log
+    (repo / ".pf_manifest" / "note.txt").write_text("more of pfbuild's own output")
     run_build(_req(repo, force_rebuild=True), settings, engine)
-    assert engine.builds[0]["members"] == engine.builds[1]["members"]
+    assert engine.builds[0]["sources"] == engine.builds[1]["sources"]
+    (repo / "setup.py").write_text("# changed")
+    run_build(_req(repo, force_rebuild=True), settings, engine)
+    assert engine.builds[2]["sources"] != engine.builds[1]["sources"]
     assert not any(str(m).startswith(".pf_manifest") for m in engine.builds[1]["members"])  # type: ignore[attr-defined]
 
 
@@ -149,3 +153,52 @@ def test_allowed_roots_refuse_paths_outside(repo: Path, tmp_path: Path) -> None:
     link.symlink_to(repo)
     with pytest.raises(BadRequest, match="outside"):
         run_build(_req(link), s, FakeEngine())
+
+
+def test_symlinked_output_folders_are_refused(repo: Path, settings: Settings,
+                                              tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (repo / ".pf_manifest").symlink_to(outside)
+    with pytest.raises(BadRequest, match="symbolic link"):
+        run_build(_req(repo), settings, FakeEngine())
+    (repo / ".pf_manifest").unlink()
+    (repo / ".tmp-test").symlink_to(outside)
+    with pytest.raises(BadRequest, match="symbolic link"):
+        run_build(_req(repo), Settings(host_id="h"), FakeEngine())  # default cache in repo
+    assert list(outside.iterdir()) == []
+
+
+def test_interrupted_build_keeps_its_log_but_a_lost_lock_does_not(repo: Path,
+                                                                  settings: Settings) -> None:
+    from pfbuild.client.errors import EngineUnavailable, LockLost
+
+    for exc, kept in ((EngineUnavailable("engine went away"), True), (LockLost("gone"), False)):
+        engine = FakeEngine()
+
+        def boom(dockerfile: str, exc: Exception = exc) -> list[str]:
+            raise exc
+
+        engine.build_log = boom
+        with pytest.raises(type(exc)):
+            run_build(_req(repo, force_rebuild=True), settings, engine)
+        logs = list(repo.rglob("build.log"))
+        if kept:
+            assert logs and "interrupted: EngineUnavailable" in logs[0].read_text()
+            logs[0].unlink()
+        else:
+            assert logs == []
+        assert not list(repo.rglob("*.tmp"))
+
+
+def test_stale_temporary_files_are_swept(repo: Path, settings: Settings) -> None:
+    engine = FakeEngine()
+    first = run_build(_req(repo), settings, engine)
+    art = Path(first.manifest_path).parent
+    cache_dir = Path(first.manifest.tarball.path).parent  # type: ignore[union-attr]
+    leftovers = [art / ".build.log.dead.tmp",
+                 cache_dir / f".{first.profile_id}.tar.zst.dead.tmp"]
+    for p in leftovers:
+        p.write_bytes(b"torn")
+    run_build(_req(repo), settings, engine)
+    assert not any(p.exists() for p in leftovers)

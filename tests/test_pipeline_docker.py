@@ -54,6 +54,18 @@ def test_build_reuse_and_tarball_reload(docker_engine, hello_repo: Path, setting
     assert reloaded.cache_source == "tarball" and reloaded.image_id == built.image_id
     assert reloaded.timings.load > 0 and reloaded.build_variant == "standard"
 
+    # a corrupted tarball is set aside and the image is built again, on the real engine
+    docker_engine.remove(built.image_tag)
+    tarball = Path(built.manifest.tarball.path)  # type: ignore[union-attr]
+    with open(tarball, "r+b") as fh:
+        fh.seek(tarball.stat().st_size // 2)
+        fh.write(b"\0" * 4096)
+    rebuilt = run_build(request, settings, docker_engine)
+    assert rebuilt.cache_source == "built"
+    assert any("rejected" in e and "sha256 mismatch" in e for e in rebuilt.manifest.events)
+    assert len(list((tarball.parent / "quarantine").iterdir())) >= 1
+    assert tarball.exists()  # saved anew
+
 
 def test_artifacts_do_not_invalidate_the_copy_layer(docker_engine, hello_repo: Path,
                                                     settings: Settings,

@@ -11,8 +11,9 @@ import pfbuild.worker
 
 def test_client_exports() -> None:
     assert sorted(pfbuild.client.__all__) == sorted(
-        ["BadRequest", "BuildAnswer", "BuildFailed", "BuildRequest", "EngineUnavailable",
-         "ErrorInfo", "FailureInfo", "JobCancelled", "JobTimeout", "Manifest", "PfbuildError",
+        ["BadRequest", "BuildAnswer", "BuildClient", "BuildFailed", "BuildJob", "BuildRequest",
+         "BuildTimeout", "EngineUnavailable", "ErrorInfo", "FailureInfo", "JobCancelled",
+         "JobState", "JobStatus", "JobTimeout", "LockLost", "Manifest", "PfbuildError",
          "Profile", "ProfileRefused", "QueueUnavailable", "Settings", "parse_profile"]
     )
     for name in pfbuild.client.__all__:
@@ -20,8 +21,12 @@ def test_client_exports() -> None:
 
 
 def test_worker_exports() -> None:
-    for name in pfbuild.worker.__all__:
-        assert getattr(pfbuild.worker, name) is not None
+    assert sorted(pfbuild.worker.__all__) == ["DockerEngine", "Engine", "app",
+                                              "resolve_request", "run_build"]
+    from celery import Celery
+
+    assert isinstance(pfbuild.worker.app, Celery)  # what `celery -A pfbuild.worker` finds
+    assert "pfbuild.build" in pfbuild.worker.app.tasks
 
 
 def test_client_does_not_import_docker() -> None:

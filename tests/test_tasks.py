@@ -41,7 +41,9 @@ def test_a_build_that_loses_its_lock_publishes_nothing(url: str, tmp_path: Path)
         return ["Step 1/2 : FROM x", "Step 2/2 : RUN y"]
 
     engine.build_log = steal
+    r.set(Keys.flight(pid, False), "job-1")
     result = task.apply(kwargs=kwargs, task_id="job-1")
+    assert r.get(Keys.flight(pid, False)) == b"job-1"  # the flight goes on
     assert result.state == "REJECTED"  # requeued, not failed: no flight is ended
     assert not list((repo / ".pf_manifest").rglob("manifest.json"))
     assert not list((tmp_path / "t" / "image-cache").glob("*.tar*"))
@@ -66,3 +68,20 @@ def test_success_returns_the_answer_and_ends_the_flight(url: str, tmp_path: Path
     assert r.get(Keys.flight(kwargs["profile_id"], False)) is None
     assert r.get(Keys.lock(kwargs["profile_id"])) is None  # released
     assert int(r.get(Keys.starts("job-3"))) == 1
+
+
+def test_a_cancelled_job_never_builds(url: str, tmp_path: Path) -> None:
+    engine = FakeEngine()
+    task, kwargs, _ = _setup(url, tmp_path, engine)
+    redis.Redis.from_url(url).set(Keys.cancel("job-4"), 1)
+    result = task.apply(kwargs=kwargs, task_id="job-4")
+    assert result.state == "IGNORED" and engine.builds == []
+
+
+def test_relative_paths_are_refused_by_the_worker(url: str, tmp_path: Path) -> None:
+    engine = FakeEngine()
+    task, kwargs, _ = _setup(url, tmp_path, engine)
+    kwargs["request"]["repo_dir"] = "repo"
+    result = task.apply(kwargs=kwargs, task_id="job-5")
+    assert result.state == "FAILURE" and "absolute" in str(result.result)
+    assert result.result.type == "bad_request" and engine.builds == []

@@ -22,6 +22,7 @@ __all__ = [
     "artifact_dir",
     "atomic_file",
     "atomic_write_text",
+    "exclusive_lock",
     "locked_json_update",
 ]
 
@@ -41,21 +42,50 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
-    """Yield a binary file that appears at ``path`` whole, or not at all."""
+def atomic_file(
+    path: str | Path,
+    on_error: Callable[[IO[bytes], BaseException], bool] | None = None,
+) -> Iterator[IO[bytes]]:
+    """Yield a binary file that appears at ``path`` whole, or not at all.
+
+    If the body raises, the file is dropped, unless ``on_error(file, exc)`` returns True:
+    then what was written so far is committed (a log of a failed run, say).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
-        with open(tmp, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        with os.fdopen(fd, "wb") as fh:
+            try:
+                yield fh
+            except BaseException as exc:
+                if on_error is None or not on_error(fh, exc):
+                    raise
+                _commit(fh, tmp, target)
+                raise
+            _commit(fh, tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _commit(fh: IO[bytes], tmp: Path, target: Path) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+    os.replace(tmp, target)  # replaces a symlink at target, never writes through it
+    _fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing, never via a symlink)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -71,8 +101,7 @@ def locked_json_update(path: str | Path, update: Callable[[dict[str, Any]], T]) 
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name(target.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(target.with_name(target.name + ".lock")):
         try:
             data = json.loads(target.read_text(encoding="utf-8")) if target.exists() else {}
         except (json.JSONDecodeError, UnicodeDecodeError):

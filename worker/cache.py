@@ -23,6 +23,7 @@ from typing import IO, Literal, cast
 
 import zstandard
 
+from pfbuild.client.errors import EngineUnavailable
 from pfbuild.client.models import TarballInfo
 from pfbuild.worker.artifacts import HashingWriter, atomic_file, atomic_write_text
 from pfbuild.worker.engine import Engine, LoadFailed
@@ -147,34 +148,78 @@ def _prefetch(source: Iterator[bytes]) -> Iterator[bytes]:
         thread.join()
 
 
-def load_tarball(engine: Engine, path: Path, tag: str) -> TarballInfo:
-    """Stream ``path`` into ``engine`` and check that it yielded ``tag`` intact.
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
-    Raises :class:`TarballRejected` (after quarantining the file and untagging whatever
-    it loaded) when the checksum, the load or the tag is wrong.
-    """
+
+def _expected_digest(path: Path) -> str | None:
+    """The sidecar's sha256; None without a sidecar, "" for one that cannot be read."""
     side = _sidecar(path)
-    expected = side.read_text().split()[0] if side.exists() else None
+    if not side.exists():
+        return None
+    try:
+        words = side.read_text(encoding="ascii").split()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return words[0] if words and len(words[0]) == 64 else ""
+
+
+def _loaded_names(lines: list[str]) -> list[str]:
+    """What `docker load` reported: tags (``Loaded image: x``) and untagged ids."""
+    names = []
+    for line in lines:
+        for prefix in ("Loaded image: ", "Loaded image ID: "):
+            if line.startswith(prefix):
+                names.append(line[len(prefix) :].strip())
+    return names
+
+
+def load_tarball(engine: Engine, path: Path, tag: str) -> TarballInfo:
+    """Stream ``path`` into ``engine`` and check that it yielded ``tag``, and only it.
+
+    With a sidecar, the checksum is verified before anything reaches the engine. Raises
+    :class:`TarballRejected` (after quarantining the file and untagging what it loaded)
+    when the checksum, the load or the tags are wrong.
+    """
+    expected = _expected_digest(path)
+    if expected is not None:
+        actual = _sha256_file(path)
+        if actual != expected:
+            mismatch = (
+                f"sha256 mismatch: sidecar says {expected or '(unreadable)'}, file is {actual}"
+            )
+            raise TarballRejected(mismatch, quarantine(path, mismatch))
     compression = _sniff(path)
     size = path.stat().st_size
     with open(path, "rb") as fh:
         reader = _HashingReader(fh)
         try:
-            engine.load(_prefetch(_decode(reader, compression)))
+            loaded = engine.load(_prefetch(_decode(reader, compression)))
         except (LoadFailed, zstandard.ZstdError) as exc:
             raise TarballRejected(
                 f"engine refused the tarball: {exc}", quarantine(path, str(exc))
             ) from None
-    actual = reader.digest.hexdigest()
-    problem = None
-    if expected is not None and actual != expected:
-        problem = f"sha256 mismatch: sidecar says {expected}, file is {actual}"
+        except EngineUnavailable:
+            if not engine.ping():
+                raise  # the engine is gone, not the tarball's fault
+            dropped = "the engine dropped the connection while loading the tarball"
+            raise TarballRejected(dropped, quarantine(path, dropped)) from None
+    foreign = [name for name in _loaded_names(loaded) if name != tag]
+    problem: str | None = None
+    if foreign:
+        problem = f"the tarball carries other images too: {', '.join(foreign)}"
     elif engine.inspect(tag) is None:
         problem = f"the tarball does not hold {tag}"
     if problem:
         engine.remove(tag)
         raise TarballRejected(problem, quarantine(path, problem))
-    return TarballInfo(path=str(path), sha256=actual, size=size, compression=compression)
+    return TarballInfo(
+        path=str(path), sha256=reader.digest.hexdigest(), size=size, compression=compression
+    )
 
 
 def save_tarball(

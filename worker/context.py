@@ -72,7 +72,8 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def make_context(repo_dir: str | Path, dockerfile: str) -> BuildContext:
     """Tar ``repo_dir`` (less pfbuild's output and .dockerignore'd paths) plus the Dockerfile."""
     root = Path(repo_dir).resolve()
-    patterns = [*ALWAYS_EXCLUDED, *_read_dockerignore(root)]
+    # ours come last, so that no "!pattern" of the repo's can bring pfbuild's output back
+    patterns = [*_read_dockerignore(root), *ALWAYS_EXCLUDED]
     names = sorted(exclude_paths(str(root), patterns, dockerfile=DOCKERFILE_IN_CONTEXT))
     # The repo's own .dockerignore was applied above; ours replaces it in the context.
     names = [n for n in names if n not in (".dockerignore", DOCKERFILE_IN_CONTEXT)]

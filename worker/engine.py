@@ -17,7 +17,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from pfbuild.client.errors import EngineUnavailable
+from pfbuild.client.errors import EngineUnavailable, PfbuildError
 
 __all__ = ["BuildOutcome", "DockerEngine", "Engine", "ImageInfo", "LoadFailed", "parse_step"]
 
@@ -51,6 +51,9 @@ class Engine(Protocol):
     """What the pipeline asks of a Docker engine."""
 
     host: str
+
+    def ping(self) -> bool:
+        """Whether the engine answers."""
 
     def inspect(self, tag: str) -> ImageInfo | None:
         """The image behind ``tag``, or None when this engine does not hold it."""
@@ -93,6 +96,12 @@ class DockerEngine:
                 f"cannot reach the Docker engine at {base_url}: {exc}. "
                 "Start dockerd or point DOCKER_HOST at a running engine."
             ) from None
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.api.ping())
+        except (docker.errors.DockerException, *_UNREACHABLE):
+            return False
 
     def inspect(self, tag: str) -> ImageInfo | None:
         try:
@@ -163,6 +172,10 @@ class DockerEngine:
     def save(self, tag: str) -> Iterator[bytes]:
         try:
             yield from self.api.get_image(tag)
+        except docker.errors.APIError as exc:
+            raise PfbuildError(
+                f"the engine could not save {tag}: {exc.explanation or exc}"
+            ) from None
         except _UNREACHABLE as exc:
             raise EngineUnavailable(
                 f"Docker engine at {self.host} failed during save: {exc}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -59,7 +60,8 @@ class ProfileLock:
 
     def release(self) -> None:
         """Release if still ours; a lock that already expired is left alone."""
-        with contextlib.suppress(LockError):
+        # an expired lock is someone else's (or no one's); a Redis outage lets it expire
+        with contextlib.suppress(LockError, redis.RedisError):
             self._lock.release()
 
     @contextlib.contextmanager
@@ -68,12 +70,19 @@ class ProfileLock:
         stop = threading.Event()
 
         def renew() -> None:
+            renewed = time.monotonic()
             while not stop.wait(self.ttl / 3):
                 try:
                     self._lock.reacquire()
-                except (LockError, redis.RedisError):
+                    renewed = time.monotonic()
+                except LockError:  # expired, or someone else's now
                     self.lost.set()
                     return
+                except redis.RedisError:
+                    # a blip: keep trying while the TTL may still be running
+                    if time.monotonic() - renewed >= self.ttl:
+                        self.lost.set()
+                        return
 
         thread = threading.Thread(target=renew, name=f"lock-{self.profile_id[:12]}", daemon=True)
         thread.start()

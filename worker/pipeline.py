@@ -22,7 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import IO, Any
 
-from pfbuild.client.errors import BadRequest, BuildFailed, PfbuildError
+from pfbuild.client.errors import BuildFailed, LockLost, PfbuildError
 from pfbuild.client.models import (
     Attempt,
     BuildAnswer,
@@ -32,13 +32,13 @@ from pfbuild.client.models import (
     TarballInfo,
     Timings,
 )
-from pfbuild.client.profile import Profile, load_profile_file, parse_profile
 from pfbuild.client.settings import Settings
 from pfbuild.worker import cache, failures
-from pfbuild.worker.artifacts import artifact_dir, atomic_file, atomic_write_text
+from pfbuild.worker.artifacts import atomic_file, atomic_write_text, exclusive_lock
 from pfbuild.worker.context import DOCKERFILE_IN_CONTEXT, make_context
 from pfbuild.worker.engine import BuildOutcome, Engine, parse_step
 from pfbuild.worker.render import VARIANTS, Variant, dockerfile_name, render
+from pfbuild.worker.resolve import ResolvedRequest, resolve_request
 
 __all__ = ["Progress", "ResolvedRequest", "resolve_request", "run_build"]
 
@@ -67,61 +67,6 @@ def _pfbuild_version() -> str:
         return "0+unknown"
 
 
-@dataclass(frozen=True)
-class ResolvedRequest:
-    """A request whose paths and profile have been checked."""
-
-    request: BuildRequest
-    profile: Profile
-    repo_dir: Path
-    cache_dir: Path
-
-    @property
-    def artifacts(self) -> Path:
-        return artifact_dir(self.repo_dir, self.profile.profile_id)
-
-
-def _under(path: Path, roots: list[Path]) -> bool:
-    return any(path == r.resolve() or path.is_relative_to(r.resolve()) for r in roots)
-
-
-def resolve_request(request: BuildRequest, settings: Settings) -> ResolvedRequest:
-    """Check paths (existence, allowed roots) and the profile; raise BadRequest if wrong."""
-    repo = Path(request.repo_dir).resolve()
-    if not repo.exists():
-        raise BadRequest(f"repo_dir {request.repo_dir!r} does not exist")
-    if not repo.is_dir():
-        raise BadRequest(f"repo_dir {request.repo_dir!r} is not a directory")
-    roots = settings.allowed_roots
-    if roots and not _under(repo, roots):
-        raise BadRequest(
-            f"repo_dir {request.repo_dir!r} is outside the worker's allowed roots "
-            f"({', '.join(str(r) for r in roots)})"
-        )
-    if request.profile is not None:
-        profile = parse_profile(request.profile, source="profile")
-    else:
-        assert request.profile_path is not None
-        ppath = Path(request.profile_path).resolve()
-        if roots and not _under(ppath, roots):
-            raise BadRequest(f"profile_path {request.profile_path!r} is outside the allowed roots")
-        profile = parse_profile(load_profile_file(ppath), source=str(ppath))
-    if request.image_cache_dir:
-        cache_dir = Path(request.image_cache_dir).resolve()
-        allowed = [*roots, *([settings.tmp_dir] if settings.tmp_dir else [])]
-        if roots and not _under(cache_dir, allowed):
-            raise BadRequest(
-                f"image_cache_dir {request.image_cache_dir!r} is outside the allowed roots"
-            )
-        if cache_dir.exists() and not cache_dir.is_dir():
-            raise BadRequest(f"image_cache_dir {request.image_cache_dir!r} is not a directory")
-    elif settings.tmp_dir:
-        cache_dir = settings.tmp_dir.resolve() / "image-cache"
-    else:
-        cache_dir = repo / ".tmp-test" / "image-cache"
-    return ResolvedRequest(request, profile, repo, cache_dir)
-
-
 @dataclass
 class _Run:
     """Mutable state of one pipeline run."""
@@ -131,6 +76,7 @@ class _Run:
     engine: Engine
     progress: Progress
     worker: str
+    guard: Callable[[], None] = lambda: None
     timings: Timings = field(default_factory=Timings)
     attempts: list[Attempt] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
@@ -181,9 +127,37 @@ def run_build(
     """
     started = time.monotonic()
     job = resolve_request(request, settings)
-    run = _Run(job, settings, engine, progress, worker or f"{settings.host_id}:{os.getpid()}")
+    run = _Run(
+        job, settings, engine, progress, worker or f"{settings.host_id}:{os.getpid()}", guard=guard
+    )
     if timings is not None:
         run.timings = timings.model_copy()
+    try:
+        job.artifacts.mkdir(parents=True, exist_ok=True)
+        # one run per profile on this host at a time (the queue's Redis lock covers hosts)
+        with exclusive_lock(job.artifacts / ".lock"):
+            _sweep(job)
+            return _pipeline(run, started)
+    except OSError as exc:
+        raise PfbuildError(f"cannot read or write the files of this build: {exc}") from None
+
+
+def _sweep(job: ResolvedRequest) -> None:
+    """Remove what a run killed mid-write left of this profile's files: with the profile
+    locked, no live run is writing them."""
+    pid = job.profile.profile_id
+    stale = list(job.artifacts.glob(".*.tmp"))
+    if job.cache_dir.is_dir():
+        stale += list(job.cache_dir.glob(f".{pid}.tar.zst.*.tmp"))
+        stale += list(job.cache_dir.glob(f".{pid}.tar.zst.sha256.*.tmp"))
+    for path in stale:
+        log.info("removing %s, left by an interrupted run", path)
+        path.unlink(missing_ok=True)
+
+
+def _pipeline(run: _Run, started: float) -> BuildAnswer:
+    job, request, settings, engine = run.job, run.job.request, run.settings, run.engine
+    guard = run.guard
 
     with run.stage("rendering", "render"):
         dockerfile_path, _ = run.dockerfile(VARIANTS["standard"])
@@ -283,7 +257,7 @@ def _build_with_ladder(run: _Run, log_path: Path) -> Variant:
     """Build, climbing the retry ladder; the whole log lands atomically at ``log_path``."""
     job, profile = run.job, run.job.profile
     variant = VARIANTS["standard"]
-    with atomic_file(log_path) as log_file:
+    with atomic_file(log_path, on_error=_keep_log) as log_file:
         while True:
             dockerfile_path, text = run.dockerfile(variant)
             _log(log_file, f"=== pfbuild: building {run.tag} as variant '{variant.name}'")
@@ -330,6 +304,7 @@ def _build_with_ladder(run: _Run, log_path: Path) -> Variant:
                 log_file, f"=== pfbuild: variant '{variant.name}' failed; retrying as '{nxt.name}'"
             )
             variant = nxt
+    run.guard()  # a worker that lost its lock must not count or publish this failure
     registry = job.repo_dir / ".pf_manifest" / "unsupported_registry.json"
     failures.record_unsupported(registry, profile.profile_id, failure, variant=variant.name)
     raise BuildFailed(
@@ -339,6 +314,15 @@ def _build_with_ladder(run: _Run, log_path: Path) -> Variant:
         build_log_path=str(log_path),
         details={"attempts": [a.model_dump(mode="json") for a in run.attempts]},
     )
+
+
+def _keep_log(log_file: IO[bytes], exc: BaseException) -> bool:
+    """An interrupted build's log is still kept (as build.log, with the reason at its end),
+    unless the lock was lost: then the log is another worker's to write."""
+    if isinstance(exc, LockLost):
+        return False
+    _log(log_file, f"=== pfbuild: interrupted: {type(exc).__name__}: {exc}")
+    return True
 
 
 def _log(log_file: IO[bytes], line: str) -> None:

@@ -18,7 +18,7 @@ import redis
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
-from pfbuild.client.errors import BadRequest, JobTimeout, LockLost, PfbuildError
+from pfbuild.client.errors import BadRequest, BuildTimeout, LockLost, PfbuildError
 from pfbuild.client.models import BuildRequest, Timings
 from pfbuild.client.queue import (
     PING_TASK,
@@ -123,13 +123,13 @@ def register(
                 forced = bool((kwargs.get("request") or {}).get("force_rebuild"))
                 delete_if_value(client(), Keys.flight(profile_id, forced), task_id)
 
-    @app.task(name=PING_TASK)  # type: ignore[untyped-decorator]
+    @app.task(name=PING_TASK, shared=False)  # type: ignore[untyped-decorator]
     def ping() -> str:
         """A task that does nothing: the baseline of the queue benchmark."""
         return "pong"
 
     # max_retries=None: lock waits retry until Settings.lock_wait_max, checked in the task
-    @app.task(bind=True, base=BuildTask, name=TASK_NAME, max_retries=None)  # type: ignore[untyped-decorator]
+    @app.task(bind=True, base=BuildTask, name=TASK_NAME, max_retries=None, shared=False)  # type: ignore[untyped-decorator]
     def build(
         self: Task,
         request: dict[str, Any],
@@ -139,7 +139,7 @@ def register(
     ) -> dict[str, Any]:
         started = time.time()
         job_id = self.request.id
-        if self.AsyncResult(job_id).state == "REVOKED":
+        if client().exists(Keys.cancel(job_id)):
             # cancelled while queued, and this worker missed the revoke broadcast
             raise Ignore()
         worker = f"{self.request.hostname or settings.host_id}:{os.getpid()}"
@@ -150,6 +150,11 @@ def register(
         }
         try:
             req = BuildRequest.model_validate(request)
+            relative = [
+                p for p in (req.repo_dir, req.image_cache_dir) if p and not os.path.isabs(p)
+            ]
+            if relative:
+                raise BadRequest(f"paths sent to a worker must be absolute: {relative}")
             resolved = resolve_request(req, settings)
             if resolved.profile.profile_id != profile_id:
                 raise BadRequest("profile_id does not match the profile sent with it")
@@ -203,7 +208,7 @@ def register(
                 lock.release()
             return answer.model_dump(mode="json")
         except SoftTimeLimitExceeded:
-            raise JobTimeout(
+            raise BuildTimeout(
                 f"the build of {profile_id} exceeded the soft time limit of "
                 f"{settings.build_soft_time_limit}s and was stopped"
             ) from None

@@ -1,0 +1,89 @@
+"""The first stage: check a request's paths and profile before anything is written.
+
+Paths are resolved (symlinks followed) and held to the worker's allowed roots; the
+folders pfbuild writes into inside the repository (``.pf_manifest/...`` and the default
+``.tmp-test/image-cache``) must not be symbolic links, or a repository could point
+pfbuild's writes anywhere on the worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pfbuild.client.errors import BadRequest
+from pfbuild.client.models import BuildRequest
+from pfbuild.client.profile import Profile, load_profile_file, parse_profile
+from pfbuild.client.settings import Settings
+from pfbuild.worker.artifacts import artifact_dir
+
+__all__ = ["ResolvedRequest", "resolve_request"]
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request whose paths and profile have been checked."""
+
+    request: BuildRequest
+    profile: Profile
+    repo_dir: Path
+    cache_dir: Path
+
+    @property
+    def artifacts(self) -> Path:
+        return artifact_dir(self.repo_dir, self.profile.profile_id)
+
+
+def _under(path: Path, roots: list[Path]) -> bool:
+    return any(path == r.resolve() or path.is_relative_to(r.resolve()) for r in roots)
+
+
+def _no_links(repo: Path, *parts: str) -> Path:
+    """``repo/parts...``, refusing any component that is a symbolic link."""
+    path = repo
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise BadRequest(
+                f"{path} is a symbolic link; pfbuild writes there and will not follow a "
+                "link out of the repository"
+            )
+    return path
+
+
+def resolve_request(request: BuildRequest, settings: Settings) -> ResolvedRequest:
+    """Check paths (existence, allowed roots, links) and the profile; BadRequest if wrong."""
+    repo = Path(request.repo_dir).resolve()
+    if not repo.exists():
+        raise BadRequest(f"repo_dir {request.repo_dir!r} does not exist")
+    if not repo.is_dir():
+        raise BadRequest(f"repo_dir {request.repo_dir!r} is not a directory")
+    roots = settings.allowed_roots
+    if roots and not _under(repo, roots):
+        raise BadRequest(
+            f"repo_dir {request.repo_dir!r} is outside the worker's allowed roots "
+            f"({', '.join(str(r) for r in roots)})"
+        )
+    if request.profile is not None:
+        profile = parse_profile(request.profile, source="profile")
+    else:
+        assert request.profile_path is not None
+        ppath = Path(request.profile_path).resolve()
+        if roots and not _under(ppath, roots):
+            raise BadRequest(f"profile_path {request.profile_path!r} is outside the allowed roots")
+        profile = parse_profile(load_profile_file(ppath), source=str(ppath))
+    _no_links(repo, ".pf_manifest", "image_build", profile.profile_id)
+    if request.image_cache_dir:
+        cache_dir = Path(request.image_cache_dir).resolve()
+        allowed = [*roots, *([settings.tmp_dir] if settings.tmp_dir else [])]
+        if roots and not _under(cache_dir, allowed):
+            raise BadRequest(
+                f"image_cache_dir {request.image_cache_dir!r} is outside the allowed roots"
+            )
+        if cache_dir.exists() and not cache_dir.is_dir():
+            raise BadRequest(f"image_cache_dir {request.image_cache_dir!r} is not a directory")
+    elif settings.tmp_dir:
+        cache_dir = settings.tmp_dir.resolve() / "image-cache"
+    else:
+        cache_dir = _no_links(repo, ".tmp-test", "image-cache")
+    return ResolvedRequest(request, profile, repo, cache_dir)
