@@ -103,7 +103,10 @@ class _Run:
             archive_url=self.settings.debian_archive_url,
         )
         path = self.job.artifacts / dockerfile_name(variant)
-        atomic_write_text(path, text)
+        # the text is deterministic: on a cache hit the file is already right, and an
+        # fsync'd rewrite would be the costliest step of the hit
+        if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+            atomic_write_text(path, text)
         return path, text
 
 
