@@ -9,6 +9,7 @@ worker lazily, so the client stays installable without the docker SDK.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from pfbuild.client.errors import BadRequest, ExitCode, PfbuildError
+from pfbuild.client.errors import BadRequest, ExitCode, JobTimeout, PfbuildError
 from pfbuild.client.models import BuildRequest
 from pfbuild.client.settings import Settings
 
@@ -194,7 +195,19 @@ def submit(
             from pfbuild.worker.embedded import embedded_farm
 
             with embedded_farm(settings) as url, BuildClient(url, settings) as client:
-                answer = _watch(client.submit(request), timeout, show)
+                job = client.submit(request)
+                try:
+                    answer = _watch(job, timeout, show)
+                except (JobTimeout, KeyboardInterrupt) as exc:
+                    # The build goes on in a worker thread of this very process, which
+                    # nothing can interrupt: report now and leave at once (the engine
+                    # stops the build when its connection closes with the process).
+                    code = 130
+                    if isinstance(exc, JobTimeout):
+                        code = _fail(exc).exit_code
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
         else:
             with BuildClient(settings=settings) as client:
                 job = client.submit(request)

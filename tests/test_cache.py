@@ -69,11 +69,34 @@ def test_truncated_tarball_is_quarantined(tmp_path: Path) -> None:
     assert not path.exists() and len(list((tmp_path / "quarantine").iterdir())) == 1
 
 
-def test_wrong_tag_inside_is_rejected(tmp_path: Path) -> None:
-    path = tmp_path / "p1.tar"
-    path.write_bytes(image_tar("patchfoundry/other:latest", b"x"))
+def test_wrong_tag_inside_is_rejected_and_untagged(tmp_path: Path) -> None:
+    path = tmp_path / "p1.zst"
+    import zstandard
+
+    path.write_bytes(zstandard.ZstdCompressor().compress(image_tar("python:3.11-slim", b"x")))
+    engine = FakeEngine()
     with pytest.raises(cache.TarballRejected, match="carries other images"):
-        cache.load_tarball(FakeEngine(), path, TAG)
+        cache.load_tarball(engine, path, TAG)
+    assert engine.inspect("python:3.11-slim") is None  # what it tagged is not trusted
+
+
+def test_plain_tar_retagging_other_images_is_refused_before_loading(tmp_path: Path) -> None:
+    import io
+    import json
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = json.dumps([{"RepoTags": [TAG, "python:3.11-slim"], "Layers": []}]).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / "p1.tar"
+    path.write_bytes(buf.getvalue())
+    engine = FakeEngine()
+    with pytest.raises(cache.TarballRejected, match="would tag other images: python"):
+        cache.load_tarball(engine, path, TAG)
+    assert engine.loads == 0 and not path.exists()
 
 
 @pytest.mark.docker
@@ -104,3 +127,14 @@ def test_real_engine_cold_round_trip(docker_engine, tmp_path: Path, cleanup_imag
     again = docker_engine.inspect(tag)
     assert again is not None and again.id == image_id
     assert loaded.sha256 == saved.sha256
+
+    # the same image as another tool would leave it: a plain `docker save` tar
+    plain = tmp_path / "other" / "cold.tar"
+    plain.parent.mkdir()
+    with open(plain, "wb") as fh:
+        for chunk in docker_engine.save(tag):
+            fh.write(chunk)
+    docker_engine.remove(tag)
+    assert cache.find_tarball(plain.parent, "cold") == plain
+    info = cache.load_tarball(docker_engine, plain, tag)
+    assert info.compression == "none" and docker_engine.inspect(tag).id == image_id

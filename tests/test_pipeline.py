@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -198,7 +200,12 @@ def test_stale_temporary_files_are_swept(repo: Path, settings: Settings) -> None
     cache_dir = Path(first.manifest.tarball.path).parent  # type: ignore[union-attr]
     leftovers = [art / ".build.log.dead.tmp",
                  cache_dir / f".{first.profile_id}.tar.zst.dead.tmp"]
-    for p in leftovers:
+    live = art / ".manifest.json.live.tmp"  # as a concurrent run's would be: fresh
+    for p in [*leftovers, live]:
         p.write_bytes(b"torn")
+    old = time.time() - settings.build_time_limit - 60
+    for p in leftovers:
+        os.utime(p, (old, old))
     run_build(_req(repo), settings, engine)
     assert not any(p.exists() for p in leftovers)
+    assert live.exists()

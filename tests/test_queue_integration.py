@@ -170,7 +170,8 @@ def test_lock_wait_frees_the_worker_slot(farm: dict[str, Any], repo: Path,
                                         cleanup_images: list[str]) -> None:
     """A forced rebuild of a profile that is building waits for the lock by retrying,
     so its worker (one slot each here) runs another profile's job meanwhile."""
-    profile = _profile(repo, "sleep 10")
+    # long enough that another profile's build and save finish well inside it
+    profile = _profile(repo, "sleep 30")
     with BuildClient(farm["url"]) as client:
         first = client.submit({"repo_dir": str(repo), "profile": profile})
         while first.status().state is not JobState.BUILDING:

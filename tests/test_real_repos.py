@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tarfile
+import uuid
 from pathlib import Path
 
 import docker
@@ -50,7 +51,8 @@ def test_project_builds_and_its_own_tests_pass(spec: str, docker_engine, tmp_pat
     install, test_cmd, success = PROJECTS[spec]
     repo = _checkout(spec, tmp_path / "src")
     profile = {"python_version_target": "3.11", "install_cmds": install,
-               "env": {"PYTHONDONTWRITEBYTECODE": "1"}, "project": spec}
+               "env": {"PYTHONDONTWRITEBYTECODE": "1", "PFTEST_NONCE": uuid.uuid4().hex},
+               "project": spec}
     answer = run_build(BuildRequest(repo_dir=str(repo), profile=profile), settings,
                        docker_engine)
     cleanup_images.append(answer.image_tag)

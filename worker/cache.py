@@ -12,9 +12,11 @@ the build goes on.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import queue
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -74,6 +76,11 @@ def _sniff(path: Path) -> Compression:
 def quarantine(path: Path, reason: str) -> Path:
     """Move a bad tarball (and its sidecar) aside so that no later run trips on it."""
     qdir = path.parent / "quarantine"
+    if qdir.is_symlink():  # a cache folder inside a repo is the repo's to shape
+        path.unlink(missing_ok=True)
+        _sidecar(path).unlink(missing_ok=True)
+        log.warning("deleted tarball %s (quarantine is a symlink): %s", path, reason)
+        return path
     qdir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     dest = qdir / f"{path.name}.{stamp}.{os.getpid()}"
@@ -168,6 +175,20 @@ def _expected_digest(path: Path) -> str | None:
     return words[0] if words and len(words[0]) == 64 else ""
 
 
+def _tags_in_plain_tar(path: Path) -> list[str]:
+    """The tags a `docker save` tar's manifest.json names (seeking over the layers)."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            member = tar.getmember("manifest.json")
+            fh = tar.extractfile(member)
+            entries = json.loads(fh.read()) if fh else []
+    except (KeyError, tarfile.TarError, json.JSONDecodeError, OSError):
+        return []  # not docker save's layout: the engine will judge it
+    if not isinstance(entries, list):
+        return []
+    return [str(t) for e in entries if isinstance(e, dict) for t in e.get("RepoTags") or []]
+
+
 def _loaded_names(lines: list[str]) -> list[str]:
     """What `docker load` reported: tags (``Loaded image: x``) and untagged ids."""
     names = []
@@ -194,6 +215,13 @@ def load_tarball(engine: Engine, path: Path, tag: str) -> TarballInfo:
             )
             raise TarballRejected(mismatch, quarantine(path, mismatch))
     compression = _sniff(path)
+    if compression == "none":
+        # a plain tar can be read for its tags without reading its layers: refuse one that
+        # would retag other images before it reaches the engine
+        retags = [t for t in _tags_in_plain_tar(path) if t != tag]
+        if retags:
+            refusal = f"the tarball would tag other images: {', '.join(retags)}"
+            raise TarballRejected(refusal, quarantine(path, refusal))
     size = path.stat().st_size
     with open(path, "rb") as fh:
         reader = _HashingReader(fh)
@@ -204,8 +232,8 @@ def load_tarball(engine: Engine, path: Path, tag: str) -> TarballInfo:
                 f"engine refused the tarball: {exc}", quarantine(path, str(exc))
             ) from None
         except EngineUnavailable:
-            if not engine.ping():
-                raise  # the engine is gone, not the tarball's fault
+            if expected or not engine.ping():
+                raise  # the engine is gone, or the tarball is verified: not its fault
             dropped = "the engine dropped the connection while loading the tarball"
             raise TarballRejected(dropped, quarantine(path, dropped)) from None
     foreign = [name for name in _loaded_names(loaded) if name != tag]
@@ -215,7 +243,9 @@ def load_tarball(engine: Engine, path: Path, tag: str) -> TarballInfo:
     elif engine.inspect(tag) is None:
         problem = f"the tarball does not hold {tag}"
     if problem:
-        engine.remove(tag)
+        for name in [tag, *foreign]:
+            if not name.startswith("sha256:"):
+                engine.remove(name)  # what it tagged cannot be trusted, ours or not
         raise TarballRejected(problem, quarantine(path, problem))
     return TarballInfo(
         path=str(path), sha256=reader.digest.hexdigest(), size=size, compression=compression

@@ -41,12 +41,24 @@ def embedded_farm(settings: Settings, concurrency: int = 2) -> Iterator[str]:
 
     with fake_redis_server() as url:
         app = create_app(settings, url)
-        with start_worker(
+        worker = start_worker(
             app,
             pool="threads",
             concurrency=concurrency,
             perform_ping_check=False,
             loglevel="WARNING",
-            shutdown_timeout=30.0,
-        ):
+            shutdown_timeout=5.0,
+        )
+        worker.__enter__()
+        body_failed = True
+        try:
             yield url
+            body_failed = False
+        finally:
+            try:
+                worker.__exit__(None, None, None)
+            except RuntimeError:
+                # a build still running in a worker thread (after a timeout or Ctrl-C):
+                # the caller's own error is the one to report; the thread dies with us
+                if not body_failed:
+                    raise

@@ -31,12 +31,14 @@ class ProfileLock:
         self.token = f"{owner}:{uuid.uuid4().hex}"
         self.fence: int | None = None
         self.lost = threading.Event()
+        self.renewed_at = 0.0  # monotonic time the TTL was last (re)started
         self._lock = client.lock(Keys.lock(profile_id), timeout=ttl, thread_local=False)
 
     def acquire(self) -> bool:
         """Take the lock without waiting; on success, draw a fence number."""
         if not self._lock.acquire(blocking=False, token=self.token):
             return False
+        self.renewed_at = time.monotonic()
         self.fence = int(self.client.incr(Keys.fence(self.profile_id)))
         self.lost.clear()
         return True
@@ -50,8 +52,17 @@ class ProfileLock:
         """Raise LockLost unless this holder still owns the lock and its fence is current."""
         if self.fence is None or self.lost.is_set():
             raise LockLost(f"lost the lock on profile {self.profile_id}; stopped")
-        current = self.client.get(Keys.fence(self.profile_id))
-        if not self._lock.owned() or current is None or int(current) != self.fence:
+        try:
+            current = self.client.get(Keys.fence(self.profile_id))
+            owned = self._lock.owned()
+        except redis.RedisError:
+            # Redis cannot tell us; the lock cannot have expired before its TTL has run
+            # from the last renewal, so until then the build goes on
+            if time.monotonic() - self.renewed_at < self.ttl:
+                return
+            self.lost.set()
+            raise LockLost(f"cannot reach Redis to confirm the lock on {self.profile_id}") from None
+        if not owned or current is None or int(current) != self.fence:
             self.lost.set()
             raise LockLost(
                 f"the lock on profile {self.profile_id} expired or was taken over "
@@ -70,17 +81,16 @@ class ProfileLock:
         stop = threading.Event()
 
         def renew() -> None:
-            renewed = time.monotonic()
             while not stop.wait(self.ttl / 3):
                 try:
                     self._lock.reacquire()
-                    renewed = time.monotonic()
+                    self.renewed_at = time.monotonic()
                 except LockError:  # expired, or someone else's now
                     self.lost.set()
                     return
                 except redis.RedisError:
                     # a blip: keep trying while the TTL may still be running
-                    if time.monotonic() - renewed >= self.ttl:
+                    if time.monotonic() - self.renewed_at >= self.ttl:
                         self.lost.set()
                         return
 

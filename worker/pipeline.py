@@ -8,6 +8,7 @@ reports progress through a callback, and writes the artifacts of SPEC §4 under
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,7 +23,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import IO, Any
 
-from pfbuild.client.errors import BuildFailed, LockLost, PfbuildError
+import requests
+
+from pfbuild.client.errors import BuildFailed, EngineUnavailable, LockLost, PfbuildError
 from pfbuild.client.models import (
     Attempt,
     BuildAnswer,
@@ -105,7 +108,7 @@ class _Run:
         path = self.job.artifacts / dockerfile_name(variant)
         # the text is deterministic: on a cache hit the file is already right, and an
         # fsync'd rewrite would be the costliest step of the hit
-        if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+        if not (path.is_file() and path.read_bytes() == text.encode("utf-8")):
             atomic_write_text(path, text)
         return path, text
 
@@ -139,23 +142,28 @@ def run_build(
         job.artifacts.mkdir(parents=True, exist_ok=True)
         # one run per profile on this host at a time (the queue's Redis lock covers hosts)
         with exclusive_lock(job.artifacts / ".lock"):
-            _sweep(job)
+            _sweep(job, older_than=settings.build_time_limit)
             return _pipeline(run, started)
+    except requests.RequestException as exc:  # an OSError too, but the engine's fault
+        raise EngineUnavailable(f"the Docker engine failed: {exc}") from None
     except OSError as exc:
         raise PfbuildError(f"cannot read or write the files of this build: {exc}") from None
 
 
-def _sweep(job: ResolvedRequest) -> None:
-    """Remove what a run killed mid-write left of this profile's files: with the profile
-    locked, no live run is writing them."""
+def _sweep(job: ResolvedRequest, older_than: float) -> None:
+    """Remove temp files a killed run left of this profile's files. Only those untouched
+    for longer than any build may run: a live run writes its temp files all the time."""
     pid = job.profile.profile_id
     stale = list(job.artifacts.glob(".*.tmp"))
     if job.cache_dir.is_dir():
         stale += list(job.cache_dir.glob(f".{pid}.tar.zst.*.tmp"))
         stale += list(job.cache_dir.glob(f".{pid}.tar.zst.sha256.*.tmp"))
+    cutoff = time.time() - older_than
     for path in stale:
-        log.info("removing %s, left by an interrupted run", path)
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mtime < cutoff:
+                log.info("removing %s, left by an interrupted run", path)
+                path.unlink()
 
 
 def _pipeline(run: _Run, started: float) -> BuildAnswer:
@@ -269,6 +277,7 @@ def _build_with_ladder(run: _Run, log_path: Path) -> Variant:
             outcome = _one_build(run, variant, text, log_file, lines)
             seconds = round(time.monotonic() - started, 3)
             if outcome.ok:
+                run.guard()  # before the log is committed: a lost lock's log is not ours
                 run.attempts.append(
                     Attempt(
                         variant=variant.name,
@@ -302,12 +311,12 @@ def _build_with_ladder(run: _Run, log_path: Path) -> Variant:
                     f"=== pfbuild: failed ({failure.failure_class.value}); "
                     "no rung of the retry ladder applies",
                 )
+                run.guard()
                 break
             _log(
                 log_file, f"=== pfbuild: variant '{variant.name}' failed; retrying as '{nxt.name}'"
             )
             variant = nxt
-    run.guard()  # a worker that lost its lock must not count or publish this failure
     registry = job.repo_dir / ".pf_manifest" / "unsupported_registry.json"
     failures.record_unsupported(registry, profile.profile_id, failure, variant=variant.name)
     raise BuildFailed(

@@ -17,6 +17,7 @@ from typing import Any
 import redis
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
 
 from pfbuild.client.errors import BadRequest, BuildTimeout, LockLost, PfbuildError
 from pfbuild.client.models import BuildRequest, Timings
@@ -79,17 +80,26 @@ class Reporter:
             "stage": stage,
             **{k: v for k, v in info.items() if v is not None},
         }
-        self.task.update_state(state=celery_state(JobState(stage)), meta=self.meta)
+        try:
+            self.task.update_state(state=celery_state(JobState(stage)), meta=self.meta)
+        except (redis.RedisError, OperationalError) as exc:
+            # progress is best effort: a Redis blip must not fail the build itself
+            log.warning("job %s: could not publish stage %s: %s", self.job_id, stage, exc)
 
     def flush(self) -> None:
         if not self.lines:
             return
         key = Keys.log(self.job_id)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.rpush(key, *self.lines)
-        pipe.ltrim(key, -_LOG_KEEP, -1)
-        pipe.expire(key, 86400)
-        pipe.execute()
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.rpush(key, *self.lines)
+            pipe.ltrim(key, -_LOG_KEEP, -1)
+            pipe.expire(key, 86400)
+            pipe.execute()
+        except redis.RedisError as exc:
+            if len(self.lines) < _LOG_KEEP:
+                return  # keep them for the next flush
+            log.warning("job %s: dropped %d log lines: %s", self.job_id, len(self.lines), exc)
         self.lines.clear()
 
 
