@@ -336,3 +336,15 @@ def test_embedded_default_builds_without_redis(docker_engine, repo: Path,  # typ
     cleanup_images.append(answer["image_tag"])
     assert answer["cache_source"] == "built" and answer["timings"]["queue_wait"] >= 0
     assert docker_engine.inspect(answer["image_tag"]).id == answer["image_id"]
+
+
+def test_embedded_wait_timeout_reports_and_exits_promptly(docker_engine, repo: Path) -> None:  # type: ignore[no-untyped-def]
+    """A timeout in the embedded default is a JSON timeout error (exit 6), at once, even
+    though the build still runs in one of the process's own worker threads."""
+    (repo / "p.json").write_text(json.dumps(_profile(repo, "sleep 60")))
+    started = time.monotonic()
+    code, out = _cli("submit", "--wait", "--json", "--timeout", "2", "--repo-dir", str(repo),
+                     "--profile", str(repo / "p.json"), env={})
+    assert code == 6, out
+    assert json.loads(out)["error"]["type"] == "timeout"
+    assert time.monotonic() - started < 30  # not the 60 s the build would take
