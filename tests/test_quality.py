@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +13,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _tool(name: str) -> None:
-    if shutil.which(name) is None:
+    if importlib.util.find_spec(name) is None:
         pytest.fail(f"{name} is not installed (pip install -e '.[dev]')")
 
 
 def test_ruff() -> None:
     _tool("ruff")
-    proc = subprocess.run(["ruff", "check", "client", "worker"], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "client", "worker"],
+                          cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
