@@ -91,13 +91,8 @@ class BuildJob:
     def status(self) -> JobStatus:
         celery_state, info = self._meta()
         state = job_state(celery_state)
-        fields = info if isinstance(info, dict) and state not in (JobState.SUCCESS,) else {}
-        if state is JobState.SUCCESS and isinstance(info, dict):
-            fields = {
-                "profile_id": info.get("profile_id"),
-                "worker": info.get("worker"),
-                "docker_host": info.get("docker_host"),
-            }
+        # a stage's meta, or the answer on success: both carry the fields read here
+        fields = info if isinstance(info, dict) else {}
         known = {
             k: fields.get(k)
             for k in ("step", "steps", "line", "profile_id", "worker", "docker_host")
