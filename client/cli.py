@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
 from pfbuild.client.errors import BadRequest, ExitCode, JobTimeout, PfbuildError
 from pfbuild.client.models import BuildRequest
+from pfbuild.client.profile import validate_request
 from pfbuild.client.settings import Settings
 
 __all__ = ["app", "main", "parse_request"]
@@ -39,16 +39,7 @@ def parse_request(text: str) -> BuildRequest:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"the request is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the request must be a JSON object")
-    try:
-        return BuildRequest.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise BadRequest(f"invalid request: {problems}") from None
+    return validate_request(data)
 
 
 def _emit(payload: dict[str, Any]) -> None:

@@ -22,13 +22,12 @@ from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
 import redis
-from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 
 from pfbuild.client.errors import JobCancelled, JobTimeout, PfbuildError, QueueUnavailable
 from pfbuild.client.models import BuildAnswer, BuildRequest
-from pfbuild.client.profile import load_profile_file, parse_profile
+from pfbuild.client.profile import load_profile_file, parse_profile, validate_request
 from pfbuild.client.queue import (
     TASK_NAME,
     JobState,
@@ -218,7 +217,7 @@ class BuildClient:
         return BuildJob(self, job_id)
 
     def _prepare(self, request: BuildRequest | dict[str, Any]) -> tuple[BuildRequest, str]:
-        req = request if isinstance(request, BuildRequest) else BuildRequest.model_validate(request)
+        req = validate_request(request)
         if req.profile_path is not None:
             # read here, so that workers on other hosts need no access to the file
             req = req.model_copy(
@@ -275,7 +274,3 @@ class BuildClient:
     def submit_many(self, requests: Iterable[BuildRequest | dict[str, Any]]) -> list[BuildJob]:
         """Submit several requests; identical profiles share one job."""
         return [self.submit(r) for r in requests]
-
-    def result_of(self, job_id: str) -> AsyncResult:
-        """Celery's own handle on a job, for tools that want it (never ``.get()`` it)."""
-        return self.app.AsyncResult(job_id)

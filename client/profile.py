@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from pfbuild.client.errors import BadRequest, ProfileRefused
+from pfbuild.client.models import BuildRequest
 
 __all__ = [
     "DEFAULT_PYTHON",
@@ -25,6 +26,7 @@ __all__ = [
     "load_profile_file",
     "parse_profile",
     "python_version",
+    "validate_request",
 ]
 
 DEFAULT_PYTHON = "3.11"
@@ -114,6 +116,24 @@ def _no_line_breaks(what: str, value: str) -> None:
             )
 
 
+def _problems(exc: ValidationError, what: str) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or what}: {err['msg']}" for err in exc.errors()
+    )
+
+
+def validate_request(data: object) -> BuildRequest:
+    """A BuildRequest from decoded JSON; every problem is a BadRequest naming the field."""
+    if isinstance(data, BuildRequest):
+        return data
+    if not isinstance(data, dict):
+        raise BadRequest("the request must be a JSON object")
+    try:
+        return BuildRequest.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(f"invalid request: {_problems(exc, 'request')}") from None
+
+
 def parse_profile(document: object, *, source: str = "profile") -> Profile:
     """Validate a profile document: the profile itself or ``{"profile_id", "profile"}``."""
     if not isinstance(document, dict):
@@ -129,11 +149,7 @@ def parse_profile(document: object, *, source: str = "profile") -> Profile:
     try:
         fields = _Fields.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'profile'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise BadRequest(f"{source}: wrong types in profile: {problems}") from None
+        raise BadRequest(f"{source}: wrong types in profile: {_problems(exc, 'profile')}") from None
 
     if fields.status == "unsupported":
         raise ProfileRefused(f"{source}: profile status is 'unsupported'; refusing to build")

@@ -179,3 +179,11 @@ def test_client_sends_absolute_paths(client: BuildClient, tmp_path: Path,
     _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
     assert kwargs["request"]["repo_dir"] == str(tmp_path)
     assert kwargs["request"]["image_cache_dir"] == str(tmp_path / "cache")
+
+
+def test_a_malformed_request_is_a_bad_request(client: BuildClient) -> None:
+    from pfbuild.client.errors import BadRequest
+
+    with pytest.raises(BadRequest, match="force_rebuild"):
+        client.submit({"repo_dir": ".", "profile": PROFILE, "force_rebuild": "yes"})
+    assert client.redis.llen("pfbuild") == 0  # nothing was queued

@@ -9,6 +9,7 @@ reports progress through a callback, and writes the artifacts of SPEC §4 under
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -63,6 +64,7 @@ def _no_progress(stage: str, **info: Any) -> None:
     pass
 
 
+@functools.cache
 def _pfbuild_version() -> str:
     try:
         return version("pfbuild")

@@ -20,7 +20,8 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
 from pfbuild.client.errors import BadRequest, BuildTimeout, LockLost, PfbuildError
-from pfbuild.client.models import BuildRequest, Timings
+from pfbuild.client.models import Timings
+from pfbuild.client.profile import validate_request
 from pfbuild.client.queue import (
     PING_TASK,
     TASK_NAME,
@@ -159,7 +160,7 @@ def register(
             "docker_host": settings.host_id,
         }
         try:
-            req = BuildRequest.model_validate(request)
+            req = validate_request(request)
             relative = [
                 p for p in (req.repo_dir, req.image_cache_dir) if p and not os.path.isabs(p)
             ]
