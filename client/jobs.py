@@ -25,17 +25,16 @@ import redis
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 
-from pfbuild.client.errors import JobCancelled, JobTimeout, PfbuildError, QueueUnavailable
-from pfbuild.client.models import BuildAnswer, BuildRequest
-from pfbuild.client.profile import load_profile_file, parse_profile, validate_request
-from pfbuild.client.queue import (
-    TASK_NAME,
-    JobState,
-    Keys,
-    delete_if_value,
-    job_state,
-    make_celery,
+from pfbuild.client.errors import (
+    InternalError,
+    JobCancelled,
+    JobTimeout,
+    PfbuildError,
+    QueueUnavailable,
 )
+from pfbuild.client.models import BuildAnswer, BuildRequest, JobState
+from pfbuild.client.profile import load_profile_file, parse_profile, validate_request
+from pfbuild.client.queue import TASK_NAME, Keys, end_flight, job_state, make_celery
 from pfbuild.client.settings import Settings
 
 __all__ = ["BuildClient", "BuildJob", "JobStatus"]
@@ -109,7 +108,7 @@ class BuildJob:
         if state is JobState.FAILURE:
             if isinstance(info, PfbuildError):
                 raise info
-            raise PfbuildError(f"job {self.id} failed: {info!r}")
+            raise InternalError(f"job {self.id} failed: {info!r}")
         if state is JobState.CANCELLED:
             raise JobCancelled(f"job {self.id} was cancelled")
         return None
@@ -179,9 +178,7 @@ class BuildJob:
             self.client.app.backend.mark_as_revoked(self.id, reason="cancelled by the client")
             if self.profile_id:
                 for forced in (False, True):
-                    delete_if_value(
-                        self.client.redis, Keys.flight(self.profile_id, forced), self.id
-                    )
+                    end_flight(self.client.redis, Keys.flight(self.profile_id, forced), self.id)
         except (redis.RedisError, OperationalError) as exc:
             raise QueueUnavailable(f"cannot cancel job {self.id}: {exc}") from None
 
@@ -200,8 +197,6 @@ class BuildClient:
         self.url = url
         self.app = make_celery(self.settings, url, name="pfbuild.client")
         self.redis = redis.Redis.from_url(url)
-        # flights outlive the longest build plus time spent queued behind others
-        self.flight_ttl = 2 * self.settings.build_time_limit + self.settings.lock_wait_max
 
     def close(self) -> None:
         self.redis.close()
@@ -238,7 +233,7 @@ class BuildClient:
         try:
             for _ in range(10):
                 job_id = str(uuid.uuid4())
-                if self.redis.set(key, job_id, nx=True, ex=self.flight_ttl):
+                if self.redis.set(key, job_id, nx=True, ex=self.settings.flight_ttl):
                     self._send(req, profile_id, job_id, key)
                     return BuildJob(self, job_id, profile_id)
                 existing = self.redis.get(key)
@@ -249,7 +244,7 @@ class BuildClient:
                 if other.status().ready:
                     # a finished flight is over (its job ends it, but may have died first):
                     # the next submit starts afresh, and finds the image if it was built
-                    delete_if_value(self.redis, key, other.id)
+                    end_flight(self.redis, key, other.id)
                     continue
                 return other
         except redis.RedisError as exc:
@@ -268,7 +263,7 @@ class BuildClient:
                 task_id=job_id,
             )
         except Exception as exc:
-            delete_if_value(self.redis, key, job_id)  # nobody may join a job never sent
+            end_flight(self.redis, key, job_id)  # nobody may join a job never sent
             raise QueueUnavailable(f"cannot enqueue the build: {exc}") from None
 
     def submit_many(self, requests: Iterable[BuildRequest | dict[str, Any]]) -> list[BuildJob]:

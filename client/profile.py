@@ -1,4 +1,6 @@
-"""Repo profiles: loading, validation, ``profile_id`` and the Python version (SPEC §2).
+"""Repo profiles: loading, validation, ``profile_id`` and the Python version.
+
+The rules are in docs/design.md ("The profile").
 
 Validation refuses rather than rewrites: a value that would change the Dockerfile's
 meaning (a newline in a command, a non-identifier env key, an id Docker cannot name) is a

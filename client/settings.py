@@ -49,7 +49,14 @@ class Settings(BaseSettings):
         default=600,
         description="Seconds the broker's visibility timeout exceeds the hard time limit.",
     )
-    result_expires: int = Field(default=86400, description="Seconds results are kept.")
+    result_expires: int = Field(
+        default=86400, description="Seconds results, job logs and cancel flags are kept."
+    )
+    log_keep_lines: int = Field(
+        default=50_000,
+        description="Build log lines kept per job in Redis for `pfbuild logs`; the whole "
+        "log is always in build.log.",
+    )
     worker_concurrency: int = Field(default=2, description="Builds one worker runs at once.")
 
     # --- where things go ---------------------------------------------------------------
@@ -101,6 +108,12 @@ class Settings(BaseSettings):
         """Longer than the hard limit: Redis redelivers an unacked task after this long,
         so a shorter one would run a long build twice (celery#5935)."""
         return self.build_time_limit + self.visibility_margin
+
+    @property
+    def flight_ttl(self) -> int:
+        """How long a single-flight key may live: the longest build, plus as long again
+        queued behind others, plus the longest lock wait."""
+        return 2 * self.build_time_limit + self.lock_wait_max
 
     def image_tag(self, profile_id: str) -> str:
         return f"{self.image_repository}/{profile_id}:latest"

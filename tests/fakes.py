@@ -1,4 +1,5 @@
-"""A fake Docker engine behind the Engine protocol, for unit tests and fault injection."""
+"""A fake Docker engine behind the Engine protocol, for unit tests and fault injection;
+and ``run_request``, the pipeline from an unresolved request."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO
 
-from pfbuild.worker.engine import BuildOutcome, ImageInfo, LoadFailed
+from pfbuild.client.errors import ImageLoadFailed
+from pfbuild.client.models import BuildAnswer, BuildRequest
+from pfbuild.client.settings import Settings
+from pfbuild.worker.engine import BuildOutcome, Engine, ImageInfo
+from pfbuild.worker.pipeline import run_build
+from pfbuild.worker.resolve import resolve_request
 
 
 def image_tar(tag: str, payload: bytes) -> bytes:
@@ -20,6 +26,12 @@ def image_tar(tag: str, payload: bytes) -> bytes:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def run_request(request: BuildRequest, settings: Settings, engine: Engine,
+                **kw: object) -> BuildAnswer:
+    """Resolve ``request`` and run the pipeline on it, as ``pfbuild build`` does."""
+    return run_build(resolve_request(request, settings), settings, engine, **kw)  # type: ignore[arg-type]
 
 
 class FakeEngine:
@@ -59,11 +71,11 @@ class FakeEngine:
         for line in self.build_log(text):
             on_line(line)
         if not self.build_ok(text):
-            return BuildOutcome(ok=False, image_id=None, error="The command returned 1")
+            return BuildOutcome(image=None, error="The command returned 1")
         image_id = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
         self.images[tag] = ImageInfo(id=image_id, labels=dict(labels))
         self.blobs[tag] = image_tar(tag, text.encode() * 1000)
-        return BuildOutcome(ok=True, image_id=image_id, error=None)
+        return BuildOutcome(image=self.images[tag], error=None)
 
     def save(self, tag: str) -> Iterator[bytes]:
         data = self.blobs[tag]
@@ -75,13 +87,13 @@ class FakeEngine:
         chunks = data if not hasattr(data, "read") else iter(lambda: data.read(65536), b"")  # type: ignore[union-attr]
         blob = b"".join(chunks)  # type: ignore[arg-type]
         if self.refuse_loads:
-            raise LoadFailed("invalid tar header")
+            raise ImageLoadFailed("invalid tar header")
         try:
             with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
                 member = tar.extractfile("repositories")
                 tag = member.read().decode() if member else ""
         except tarfile.TarError as exc:
-            raise LoadFailed(f"invalid tar: {exc}") from None
+            raise ImageLoadFailed(f"invalid tar: {exc}") from None
         self.images[tag] = ImageInfo(id="sha256:" + hashlib.sha256(blob).hexdigest(),
                                      labels={"org.pfbuild.variant": "standard"})
         self.blobs[tag] = blob

@@ -1,7 +1,6 @@
 """Files that are never seen half-written: write to a temporary sibling, fsync, rename.
 
-Also where each profile's artifacts live: ``{repo_dir}/.pf_manifest/image_build/{profile_id}/``,
-so two profiles built from one repo never share (or overwrite) a Dockerfile, log or manifest.
+Where those files live is :mod:`pfbuild.worker.layout`'s business.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from typing import IO, Any, TypeVar
 
 __all__ = [
     "HashingWriter",
-    "artifact_dir",
     "atomic_file",
     "atomic_write_text",
     "exclusive_lock",
@@ -27,10 +25,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-def artifact_dir(repo_dir: str | Path, profile_id: str) -> Path:
-    return Path(repo_dir) / ".pf_manifest" / "image_build" / profile_id
 
 
 def _fsync_dir(path: Path) -> None:

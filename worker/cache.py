@@ -25,12 +25,13 @@ from typing import IO, Literal, cast
 
 import zstandard
 
-from pfbuild.client.errors import EngineUnavailable
+from pfbuild.client.errors import EngineUnavailable, ImageLoadFailed, TarballRejected
 from pfbuild.client.models import TarballInfo
+from pfbuild.worker import layout
 from pfbuild.worker.artifacts import HashingWriter, atomic_file, atomic_write_text
-from pfbuild.worker.engine import Engine, LoadFailed
+from pfbuild.worker.engine import Engine, ImageInfo
 
-__all__ = ["TarballRejected", "find_tarball", "load_tarball", "quarantine", "save_tarball"]
+__all__ = ["find_tarball", "load_tarball", "quarantine", "save_tarball"]
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +42,15 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-class TarballRejected(Exception):
-    """A cached tarball failed its checksum or its load; it has been quarantined."""
-
-    def __init__(self, reason: str, moved_to: Path | None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.moved_to = moved_to
+def _rejected(path: Path, reason: str) -> TarballRejected:
+    """Quarantine ``path`` and say why, as the error the pipeline turns into an event."""
+    moved_to = quarantine(path, reason)
+    return TarballRejected(reason, details={"moved_to": str(moved_to)})
 
 
 def find_tarball(cache_dir: Path, profile_id: str) -> Path | None:
     """Ours (``.tar.zst``) first, then a ``.tar`` another tool may have left."""
-    for name in (f"{profile_id}.tar.zst", f"{profile_id}.tar"):
+    for name in (layout.tarball_name(profile_id), f"{profile_id}.tar"):
         path = cache_dir / name
         if path.is_file():
             return path
@@ -75,7 +73,7 @@ def _sniff(path: Path) -> Compression:
 
 def quarantine(path: Path, reason: str) -> Path:
     """Move a bad tarball (and its sidecar) aside so that no later run trips on it."""
-    qdir = path.parent / "quarantine"
+    qdir = path.parent / layout.QUARANTINE_DIR
     if qdir.is_symlink():  # a cache folder inside a repo is the repo's to shape
         path.unlink(missing_ok=True)
         _sidecar(path).unlink(missing_ok=True)
@@ -199,8 +197,10 @@ def _loaded_names(lines: list[str]) -> list[str]:
     return names
 
 
-def load_tarball(engine: Engine, path: Path, tag: str) -> TarballInfo:
+def load_tarball(engine: Engine, path: Path, tag: str) -> tuple[TarballInfo, ImageInfo]:
     """Stream ``path`` into ``engine`` and check that it yielded ``tag``, and only it.
+
+    Returns what was read and the image it gave.
 
     With a sidecar, the checksum is verified before anything reaches the engine. Raises
     :class:`TarballRejected` (after quarantining the file and untagging what it loaded)
@@ -213,7 +213,7 @@ def load_tarball(engine: Engine, path: Path, tag: str) -> TarballInfo:
             mismatch = (
                 f"sha256 mismatch: sidecar says {expected or '(unreadable)'}, file is {actual}"
             )
-            raise TarballRejected(mismatch, quarantine(path, mismatch))
+            raise _rejected(path, mismatch)
     compression = _sniff(path)
     if compression == "none":
         # a plain tar can be read for its tags without reading its layers: refuse one that
@@ -221,35 +221,35 @@ def load_tarball(engine: Engine, path: Path, tag: str) -> TarballInfo:
         retags = [t for t in _tags_in_plain_tar(path) if t != tag]
         if retags:
             refusal = f"the tarball would tag other images: {', '.join(retags)}"
-            raise TarballRejected(refusal, quarantine(path, refusal))
+            raise _rejected(path, refusal)
     size = path.stat().st_size
     with open(path, "rb") as fh:
         reader = _HashingReader(fh)
         try:
             loaded = engine.load(_prefetch(_decode(reader, compression)))
-        except (LoadFailed, zstandard.ZstdError) as exc:
-            raise TarballRejected(
-                f"engine refused the tarball: {exc}", quarantine(path, str(exc))
-            ) from None
+        except (ImageLoadFailed, zstandard.ZstdError) as exc:
+            raise _rejected(path, f"engine refused the tarball: {exc}") from None
         except EngineUnavailable:
             if expected or not engine.ping():
                 raise  # the engine is gone, or the tarball is verified: not its fault
             dropped = "the engine dropped the connection while loading the tarball"
-            raise TarballRejected(dropped, quarantine(path, dropped)) from None
+            raise _rejected(path, dropped) from None
     foreign = [name for name in _loaded_names(loaded) if name != tag]
-    problem: str | None = None
-    if foreign:
-        problem = f"the tarball carries other images too: {', '.join(foreign)}"
-    elif engine.inspect(tag) is None:
-        problem = f"the tarball does not hold {tag}"
-    if problem:
+    image = None if foreign else engine.inspect(tag)
+    if image is None:
+        problem = (
+            f"the tarball carries other images too: {', '.join(foreign)}"
+            if foreign
+            else f"the tarball does not hold {tag}"
+        )
         for name in [tag, *foreign]:
             if not name.startswith("sha256:"):
                 engine.remove(name)  # what it tagged cannot be trusted, ours or not
-        raise TarballRejected(problem, quarantine(path, problem))
-    return TarballInfo(
+        raise _rejected(path, problem)
+    info = TarballInfo(
         path=str(path), sha256=reader.digest.hexdigest(), size=size, compression=compression
     )
+    return info, image
 
 
 def save_tarball(
@@ -260,14 +260,14 @@ def save_tarball(
     *,
     level: int,
     threads: int,
-    before_commit: Callable[[], None] = lambda: None,
+    guard: Callable[[], None] = lambda: None,
 ) -> TarballInfo:
     """Save ``tag`` as ``{profile_id}.tar.zst`` atomically, with a sha256 sidecar.
 
-    ``before_commit`` runs after the data is written and before it is renamed into
-    place; if it raises (the lock was lost, say), nothing appears in the cache.
+    ``guard`` runs after the data is written and before it is renamed into place; if it
+    raises (the lock was lost, say), nothing appears in the cache.
     """
-    path = cache_dir / f"{profile_id}.tar.zst"
+    path = cache_dir / layout.tarball_name(profile_id)
     compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
     with atomic_file(path) as fh:
         hashing = HashingWriter(fh)
@@ -275,7 +275,7 @@ def save_tarball(
             for chunk in _prefetch(engine.save(tag)):
                 zw.write(chunk)
         digest, size = hashing.digest.hexdigest(), hashing.size
-        before_commit()
+        guard()
         # The sidecar lands first: the tarball's rename (on leaving this block) is the
         # commit point, and a run under the same profile lock never reads in between.
         atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")

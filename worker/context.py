@@ -18,10 +18,10 @@ from typing import IO
 from docker.utils.build import exclude_paths
 
 from pfbuild.worker.artifacts import HashingWriter
+from pfbuild.worker.layout import EXCLUDED_FROM_CONTEXT
 
-__all__ = ["ALWAYS_EXCLUDED", "DOCKERFILE_IN_CONTEXT", "BuildContext", "make_context"]
+__all__ = ["DOCKERFILE_IN_CONTEXT", "BuildContext", "make_context"]
 
-ALWAYS_EXCLUDED = (".pf_manifest", ".tmp-test")
 # The Dockerfile travels inside the context under this name; the synthesised
 # .dockerignore lists it, which makes the engine drop it (and .dockerignore) before COPY,
 # so the variant being built never changes the COPY layer.
@@ -73,7 +73,7 @@ def make_context(repo_dir: str | Path, dockerfile: str) -> BuildContext:
     """Tar ``repo_dir`` (less pfbuild's output and .dockerignore'd paths) plus the Dockerfile."""
     root = Path(repo_dir).resolve()
     # ours come last, so that no "!pattern" of the repo's can bring pfbuild's output back
-    patterns = [*_read_dockerignore(root), *ALWAYS_EXCLUDED]
+    patterns = [*_read_dockerignore(root), *EXCLUDED_FROM_CONTEXT]
     names = sorted(exclude_paths(str(root), patterns, dockerfile=DOCKERFILE_IN_CONTEXT))
     # The repo's own .dockerignore was applied above; ours replaces it in the context.
     names = [n for n in names if n not in (".dockerignore", DOCKERFILE_IN_CONTEXT)]

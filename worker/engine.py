@@ -17,9 +17,17 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from pfbuild.client.errors import EngineUnavailable, PfbuildError
+from pfbuild.client.errors import EngineError, EngineUnavailable, ImageLoadFailed
+from pfbuild.client.settings import Settings
 
-__all__ = ["BuildOutcome", "DockerEngine", "Engine", "ImageInfo", "LoadFailed", "parse_step"]
+__all__ = [
+    "BuildOutcome",
+    "DockerEngine",
+    "Engine",
+    "ImageInfo",
+    "engine_from_settings",
+    "parse_step",
+]
 
 _STEP_RE = re.compile(r"^Step (\d+)/(\d+) :")
 
@@ -30,10 +38,6 @@ def parse_step(line: str) -> tuple[int, int] | None:
     return (int(found.group(1)), int(found.group(2))) if found else None
 
 
-class LoadFailed(Exception):
-    """The engine refused a tarball (internal to the cache stage)."""
-
-
 @dataclass(frozen=True)
 class ImageInfo:
     id: str
@@ -42,9 +46,14 @@ class ImageInfo:
 
 @dataclass
 class BuildOutcome:
-    ok: bool
-    image_id: str | None
+    """How one build ended: the image it made, or the engine's error."""
+
+    image: ImageInfo | None
     error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.image is not None
 
 
 class Engine(Protocol):
@@ -75,7 +84,9 @@ class Engine(Protocol):
         """Stream ``tag`` out as an (uncompressed) image tarball."""
 
     def load(self, data: Iterable[bytes] | IO[bytes]) -> list[str]:
-        """Stream a plain or gzip tarball in; returns what the engine reported loading."""
+        """Stream a plain or gzip tarball in; returns what the engine reported loading.
+
+        Raises :class:`ImageLoadFailed` when the engine refuses the tarball."""
 
     def remove(self, tag: str) -> None:
         """Untag ``tag`` (and drop its layers if no other tag holds them)."""
@@ -128,7 +139,6 @@ class DockerEngine:
     ) -> BuildOutcome:
         pending = ""
         error: str | None = None
-        image_id: str | None = None
         try:
             stream = self.api.build(
                 fileobj=context,
@@ -151,8 +161,6 @@ class DockerEngine:
                 elif "error" in item:
                     error = str(item["error"]).strip()
                     on_line(f"ERROR: {error}")
-                elif isinstance(item.get("aux"), dict) and "ID" in item["aux"]:
-                    image_id = str(item["aux"]["ID"])
         except _UNREACHABLE as exc:
             raise EngineUnavailable(
                 f"Docker engine at {self.host} failed mid-build: {exc}"
@@ -162,20 +170,19 @@ class DockerEngine:
             on_line(f"ERROR: {error}")
         if pending:
             on_line(pending)
-        if error is None:
-            built = self.inspect(tag)
-            image_id = built.id if built else None
-            if image_id is None:
-                error = "the engine reported success but the image tag is missing"
-        return BuildOutcome(ok=error is None, image_id=image_id, error=error)
+        if error is not None:
+            return BuildOutcome(image=None, error=error)
+        built = self.inspect(tag)
+        if built is None:
+            return BuildOutcome(None, "the engine reported success but the image tag is missing")
+        return BuildOutcome(image=built, error=None)
 
     def save(self, tag: str) -> Iterator[bytes]:
         try:
             yield from self.api.get_image(tag)
         except docker.errors.APIError as exc:
-            raise PfbuildError(
-                f"the engine could not save {tag}: {exc.explanation or exc}"
-            ) from None
+            why = exc.explanation or exc
+            raise EngineError(f"the engine could not save {tag}: {why}") from None
         except _UNREACHABLE as exc:
             raise EngineUnavailable(
                 f"Docker engine at {self.host} failed during save: {exc}"
@@ -186,11 +193,11 @@ class DockerEngine:
         try:
             for item in self.api.load_image(data):
                 if "error" in item:
-                    raise LoadFailed(str(item["error"]).strip())
+                    raise ImageLoadFailed(str(item["error"]).strip())
                 if "stream" in item:
                     loaded.append(str(item["stream"]).strip())
         except docker.errors.APIError as exc:
-            raise LoadFailed(str(exc.explanation or exc)) from None
+            raise ImageLoadFailed(str(exc.explanation or exc)) from None
         except _UNREACHABLE as exc:
             raise EngineUnavailable(
                 f"Docker engine at {self.host} failed during load: {exc}"
@@ -200,3 +207,8 @@ class DockerEngine:
     def remove(self, tag: str) -> None:
         with contextlib.suppress(docker.errors.ImageNotFound):
             self.api.remove_image(tag, force=True)
+
+
+def engine_from_settings(settings: Settings) -> DockerEngine:
+    """The engine this worker talks to (``DOCKER_HOST``), with the configured API timeout."""
+    return DockerEngine(settings.docker_host_name(), timeout=settings.docker_timeout)

@@ -1,9 +1,10 @@
 """Reading a failed build's log: what rung of the ladder to try next, and why it failed.
 
-The retry ladder (SPEC §4) climbs one rung per recognised symptom: an apt repository that
-is gone moves to the Debian archive; unsigned or expired keys add unauthenticated apt
-(only where policy allows it); missing C headers move to the builder tier. When no rung
-is left, the failure is classified and counted in ``unsupported_registry.json``.
+The retry ladder (docs/design.md, "The retry ladder") climbs one rung per recognised
+symptom: an apt repository that is gone moves to the Debian archive; unsigned or expired
+keys add unauthenticated apt (only where policy allows it); missing C headers move to the
+builder tier. When no rung is left, the failure is classified and counted in
+``unsupported_registry.json``.
 """
 
 from __future__ import annotations

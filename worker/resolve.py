@@ -1,9 +1,10 @@
-"""The first stage: check a request's paths and profile before anything is written.
+"""The first stage: check a request's paths and profile once, before anything is written.
 
 Paths are resolved (symlinks followed) and held to the worker's allowed roots; the
-folders pfbuild writes into inside the repository (``.pf_manifest/...`` and the default
-``.tmp-test/image-cache``) must not be symbolic links, or a repository could point
-pfbuild's writes anywhere on the worker.
+folders pfbuild writes into inside the repository (the artifact folder and the default
+tarball cache, see :mod:`pfbuild.worker.layout`) must not be symbolic links, or a
+repository could point pfbuild's writes anywhere on the worker. Every later stage takes
+the :class:`ResolvedRequest` this returns and never looks at the raw request again.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pfbuild.client.errors import BadRequest
 from pfbuild.client.models import BuildRequest
 from pfbuild.client.profile import Profile, load_profile_file, parse_profile
 from pfbuild.client.settings import Settings
-from pfbuild.worker.artifacts import artifact_dir
+from pfbuild.worker import layout
 
 __all__ = ["ResolvedRequest", "resolve_request"]
 
@@ -31,7 +32,11 @@ class ResolvedRequest:
 
     @property
     def artifacts(self) -> Path:
-        return artifact_dir(self.repo_dir, self.profile.profile_id)
+        return layout.artifact_dir(self.repo_dir, self.profile.profile_id)
+
+    @property
+    def profile_id(self) -> str:
+        return self.profile.profile_id
 
 
 def _under(path: Path, roots: list[Path]) -> bool:
@@ -72,7 +77,7 @@ def resolve_request(request: BuildRequest, settings: Settings) -> ResolvedReques
         if roots and not _under(ppath, roots):
             raise BadRequest(f"profile_path {request.profile_path!r} is outside the allowed roots")
         profile = parse_profile(load_profile_file(ppath), source=str(ppath))
-    _no_links(repo, ".pf_manifest", "image_build", profile.profile_id)
+    _no_links(repo, *layout.artifact_parts(profile.profile_id))
     if request.image_cache_dir:
         cache_dir = Path(request.image_cache_dir).resolve()
         allowed = [*roots, *([settings.tmp_dir] if settings.tmp_dir else [])]
@@ -83,7 +88,7 @@ def resolve_request(request: BuildRequest, settings: Settings) -> ResolvedReques
         if cache_dir.exists() and not cache_dir.is_dir():
             raise BadRequest(f"image_cache_dir {request.image_cache_dir!r} is not a directory")
     elif settings.tmp_dir:
-        cache_dir = settings.tmp_dir.resolve() / "image-cache"
+        cache_dir = settings.tmp_dir.resolve() / layout.CACHE_DIR
     else:
-        cache_dir = _no_links(repo, ".tmp-test", "image-cache")
+        cache_dir = _no_links(repo, layout.SCRATCH_DIR, layout.CACHE_DIR)
     return ResolvedRequest(request, profile, repo, cache_dir)

@@ -9,6 +9,7 @@ import redis
 
 from pfbuild.client.queue import Keys, make_celery
 from pfbuild.client.settings import Settings
+from pfbuild.worker.celery_app import configure_worker
 from pfbuild.worker.lock import ProfileLock
 from pfbuild.worker.tasks import register
 from tests.fakes import FakeEngine
@@ -19,6 +20,7 @@ PROFILE = {"install_cmds": ["pip install ."], "env": {}}
 def _setup(url: str, tmp_path: Path, engine: FakeEngine) -> tuple[Any, dict[str, Any], Path]:
     settings = Settings(redis_url=url, tmp_dir=tmp_path / "t", host_id="h", max_deliveries=2)
     app = make_celery(settings, url)
+    configure_worker(app, settings)
     task = register(app, settings, engine_factory=lambda: engine)
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -67,7 +69,7 @@ def test_success_returns_the_answer_and_ends_the_flight(url: str, tmp_path: Path
     assert result.result["docker_host"] == "h" and result.result["manifest"]["worker"]
     assert r.get(Keys.flight(kwargs["profile_id"], False)) is None
     assert r.get(Keys.lock(kwargs["profile_id"])) is None  # released
-    assert int(r.get(Keys.starts("job-3"))) == 1
+    assert int(r.get(Keys.starts("job-3")) or 0) == 1
 
 
 def test_a_cancelled_job_never_builds(url: str, tmp_path: Path) -> None:

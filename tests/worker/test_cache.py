@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pfbuild.client.errors import TarballRejected
 from pfbuild.worker import cache
 from tests.fakes import FakeEngine, image_tar
 
@@ -33,7 +34,7 @@ def test_load_round_trip_through_zstd(tmp_path: Path) -> None:
     engine, path = _saved(tmp_path)
     original = engine.blobs.pop(TAG)
     engine.images.clear()
-    info = cache.load_tarball(engine, path, TAG)
+    info, _ = cache.load_tarball(engine, path, TAG)
     assert engine.blobs[TAG] == original and info.compression == "zstd"
 
 
@@ -44,7 +45,7 @@ def test_reads_tarballs_other_tools_wrote(tmp_path: Path, compression: str) -> N
     path.write_bytes(gzip.compress(blob) if compression == "gzip" else blob)
     assert cache.find_tarball(tmp_path, "p1") == path
     engine = FakeEngine()
-    info = cache.load_tarball(engine, path, TAG)
+    info, _ = cache.load_tarball(engine, path, TAG)
     assert info.compression == compression and engine.inspect(TAG) is not None
 
 
@@ -52,10 +53,10 @@ def test_checksum_mismatch_quarantines_and_untags(tmp_path: Path) -> None:
     engine, path = _saved(tmp_path)
     (tmp_path / "p1.tar.zst.sha256").write_text("0" * 64 + "  p1.tar.zst\n")
     engine.images.clear()
-    with pytest.raises(cache.TarballRejected) as info:
+    with pytest.raises(TarballRejected) as info:
         cache.load_tarball(engine, path, TAG)
-    assert "sha256 mismatch" in info.value.reason
-    assert not path.exists() and info.value.moved_to and info.value.moved_to.exists()
+    assert "sha256 mismatch" in info.value.message
+    assert not path.exists() and info.value.moved_to and Path(info.value.moved_to).exists()
     assert engine.inspect(TAG) is None
     assert cache.find_tarball(tmp_path, "p1") is None
 
@@ -64,7 +65,7 @@ def test_truncated_tarball_is_quarantined(tmp_path: Path) -> None:
     engine, path = _saved(tmp_path)
     path.write_bytes(path.read_bytes()[:100])
     (tmp_path / "p1.tar.zst.sha256").unlink()
-    with pytest.raises(cache.TarballRejected):
+    with pytest.raises(TarballRejected):
         cache.load_tarball(engine, path, TAG)
     assert not path.exists() and len(list((tmp_path / "quarantine").iterdir())) == 1
 
@@ -75,7 +76,7 @@ def test_wrong_tag_inside_is_rejected_and_untagged(tmp_path: Path) -> None:
 
     path.write_bytes(zstandard.ZstdCompressor().compress(image_tar("python:3.11-slim", b"x")))
     engine = FakeEngine()
-    with pytest.raises(cache.TarballRejected, match="carries other images"):
+    with pytest.raises(TarballRejected, match="carries other images"):
         cache.load_tarball(engine, path, TAG)
     assert engine.inspect("python:3.11-slim") is None  # what it tagged is not trusted
 
@@ -94,7 +95,7 @@ def test_plain_tar_retagging_other_images_is_refused_before_loading(tmp_path: Pa
     path = tmp_path / "p1.tar"
     path.write_bytes(buf.getvalue())
     engine = FakeEngine()
-    with pytest.raises(cache.TarballRejected, match="would tag other images: python"):
+    with pytest.raises(TarballRejected, match="would tag other images: python"):
         cache.load_tarball(engine, path, TAG)
     assert engine.loads == 0 and not path.exists()
 
@@ -123,9 +124,9 @@ def test_real_engine_cold_round_trip(docker_engine, tmp_path: Path, cleanup_imag
     assert docker_engine.inspect(tag) is None
     image_id = out.image_id
     assert image_id is not None
-    loaded = cache.load_tarball(docker_engine, Path(saved.path), tag)
+    loaded, image = cache.load_tarball(docker_engine, Path(saved.path), tag)
     again = docker_engine.inspect(tag)
-    assert again is not None and again.id == image_id
+    assert again is not None and again.id == image_id == image.id
     assert loaded.sha256 == saved.sha256
 
     # the same image as another tool would leave it: a plain `docker save` tar
@@ -136,5 +137,5 @@ def test_real_engine_cold_round_trip(docker_engine, tmp_path: Path, cleanup_imag
             fh.write(chunk)
     docker_engine.remove(tag)
     assert cache.find_tarball(plain.parent, "cold") == plain
-    info = cache.load_tarball(docker_engine, plain, tag)
-    assert info.compression == "none" and docker_engine.inspect(tag).id == image_id
+    loaded_plain, _ = cache.load_tarball(docker_engine, plain, tag)
+    assert loaded_plain.compression == "none" and docker_engine.inspect(tag).id == image_id
