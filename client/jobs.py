@@ -69,12 +69,18 @@ class BuildJob:
     """A handle on one job; reads like a ``concurrent.futures.Future``."""
 
     def __init__(
-        self, client: BuildClient, job_id: str, profile_id: str | None = None, joined: bool = False
+        self,
+        client: BuildClient,
+        job_id: str,
+        profile_id: str | None = None,
+        joined: bool = False,
+        flight_key: str | None = None,
     ) -> None:
         self.client = client
         self.id = job_id
         self.profile_id = profile_id
         self.joined = joined  # True when this submit joined a flight already under way
+        self.flight_key = flight_key
 
     def __repr__(self) -> str:
         return f"<BuildJob {self.id} profile={self.profile_id} joined={self.joined}>"
@@ -176,9 +182,8 @@ class BuildJob:
             self.client.redis.set(Keys.cancel(self.id), 1, ex=self.client.settings.result_expires)
             self.client.app.control.revoke(self.id, terminate=True, signal="SIGTERM")
             self.client.app.backend.mark_as_revoked(self.id, reason="cancelled by the client")
-            if self.profile_id:
-                for forced in (False, True):
-                    end_flight(self.client.redis, Keys.flight(self.profile_id, forced), self.id)
+            if self.flight_key:
+                end_flight(self.client.redis, self.flight_key, self.id)
         except (redis.RedisError, OperationalError) as exc:
             raise QueueUnavailable(f"cannot cancel job {self.id}: {exc}") from None
 
@@ -229,18 +234,18 @@ class BuildClient:
     def submit(self, request: BuildRequest | dict[str, Any]) -> BuildJob:
         """Enqueue one request, or join the job already building its profile."""
         req, profile_id = self._prepare(request)
-        key = Keys.flight(profile_id, req.force_rebuild)
+        key = Keys.flight(profile_id, req.force_rebuild, req.repo_dir)
         try:
             for _ in range(10):
                 job_id = str(uuid.uuid4())
                 if self.redis.set(key, job_id, nx=True, ex=self.settings.flight_ttl):
                     self._send(req, profile_id, job_id, key)
-                    return BuildJob(self, job_id, profile_id)
+                    return BuildJob(self, job_id, profile_id, flight_key=key)
                 existing = self.redis.get(key)
                 if existing is None:
                     continue  # the flight just ended; try to start the next one
                 other_id = existing.decode() if isinstance(existing, bytes) else str(existing)
-                other = BuildJob(self, other_id, profile_id, joined=True)
+                other = BuildJob(self, other_id, profile_id, joined=True, flight_key=key)
                 if other.status().ready:
                     # a finished flight is over (its job ends it, but may have died first):
                     # the next submit starts afresh, and finds the image if it was built
@@ -259,6 +264,7 @@ class BuildClient:
                     "request": req.model_dump(mode="json"),
                     "profile_id": profile_id,
                     "submitted_at": time.time(),
+                    "flight": key,
                 },
                 task_id=job_id,
             )

@@ -175,6 +175,7 @@ class Manifest(BaseModel):
     python_version: str
     base_image: str
     dockerfile_sha256: str
+    context_sha256: str = ""  # the code in the image (docs/design.md, "What a hit means")
     cache_source: CacheSource
     force_rebuild: bool
     attempts: list[Attempt]
@@ -195,6 +196,7 @@ class BuildAnswer(BaseModel):
     build_log_path: str
     cache_source: CacheSource
     image_id: str
+    context_sha256: str = ""
     build_variant: str
     manifest: Manifest
     manifest_path: str

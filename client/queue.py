@@ -5,6 +5,8 @@ backend, JSON). The worker's own settings (acks, prefetch, time limits) live in
 
 from __future__ import annotations
 
+import hashlib
+
 import redis
 from celery import Celery
 from celery.backends.redis import RedisBackend
@@ -53,8 +55,11 @@ class Keys:
     """Redis key names; every pfbuild key starts with ``pfbuild:``."""
 
     @staticmethod
-    def flight(profile_id: str, forced: bool) -> str:
-        return f"pfbuild:flight:{'force' if forced else 'build'}:{profile_id}"
+    def flight(profile_id: str, forced: bool, repo_dir: str) -> str:
+        """One flight per profile, repository and ``force_rebuild``: requests join one
+        job only when they would build the same thing (docs/design.md, "Single flight")."""
+        repo = hashlib.sha256(repo_dir.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return f"pfbuild:flight:{'force' if forced else 'build'}:{profile_id}:{repo}"
 
     @staticmethod
     def log(job_id: str) -> str:

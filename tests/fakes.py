@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO
@@ -17,11 +18,13 @@ from pfbuild.worker.pipeline import run_build
 from pfbuild.worker.resolve import resolve_request
 
 
-def image_tar(tag: str, payload: bytes) -> bytes:
-    """A tiny stand-in for `docker save` output: a tar naming the tag and holding data."""
+def image_tar(tag: str, payload: bytes, labels: dict[str, str] | None = None) -> bytes:
+    """A tiny stand-in for `docker save` output: a tar naming the tag, its labels, data."""
     buf = io.BytesIO()
+    members = (("repositories", tag.encode()), ("labels.json", json.dumps(labels or {}).encode()),
+               ("layer.bin", payload))
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in (("repositories", tag.encode()), ("layer.bin", payload)):
+        for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -74,7 +77,7 @@ class FakeEngine:
             return BuildOutcome(image=None, error="The command returned 1")
         image_id = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
         self.images[tag] = ImageInfo(id=image_id, labels=dict(labels))
-        self.blobs[tag] = image_tar(tag, text.encode() * 1000)
+        self.blobs[tag] = image_tar(tag, text.encode() * 1000, dict(labels))
         return BuildOutcome(image=self.images[tag], error=None)
 
     def save(self, tag: str) -> Iterator[bytes]:
@@ -92,10 +95,15 @@ class FakeEngine:
             with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
                 member = tar.extractfile("repositories")
                 tag = member.read().decode() if member else ""
+                try:
+                    found = tar.extractfile("labels.json")
+                    labels = json.loads(found.read()) if found else {}
+                except KeyError:
+                    labels = {}
         except tarfile.TarError as exc:
             raise ImageLoadFailed(f"invalid tar: {exc}") from None
         self.images[tag] = ImageInfo(id="sha256:" + hashlib.sha256(blob).hexdigest(),
-                                     labels={"org.pfbuild.variant": "standard"})
+                                     labels=labels)
         self.blobs[tag] = blob
         return [f"Loaded image: {tag}"]
 

@@ -39,11 +39,16 @@ def _fsync_dir(path: Path) -> None:
 def atomic_file(
     path: str | Path,
     on_error: Callable[[IO[bytes], BaseException], bool] | None = None,
+    *,
+    durable: bool = True,
 ) -> Iterator[IO[bytes]]:
     """Yield a binary file that appears at ``path`` whole, or not at all.
 
     If the body raises, the file is dropped, unless ``on_error(file, exc)`` returns True:
-    then what was written so far is committed (a log of a failed run, say).
+    then what was written so far is committed (a log of a failed run, say). ``durable``
+    fsyncs the file and its folder before and after the rename; without it the file is
+    still never seen torn, but a machine crash may lose it (fine for what a cache hit
+    rewrites: the next request writes it again).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -56,19 +61,21 @@ def atomic_file(
             except BaseException as exc:
                 if on_error is None or not on_error(fh, exc):
                     raise
-                _commit(fh, tmp, target)
+                _commit(fh, tmp, target, durable)
                 raise
-            _commit(fh, tmp, target)
+            _commit(fh, tmp, target, durable)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 
-def _commit(fh: IO[bytes], tmp: Path, target: Path) -> None:
+def _commit(fh: IO[bytes], tmp: Path, target: Path, durable: bool) -> None:
     fh.flush()
-    os.fsync(fh.fileno())
+    if durable:
+        os.fsync(fh.fileno())
     os.replace(tmp, target)  # replaces a symlink at target, never writes through it
-    _fsync_dir(target.parent)
+    if durable:
+        _fsync_dir(target.parent)
 
 
 @contextlib.contextmanager
@@ -82,8 +89,8 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_file(path) as fh:
+def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> None:
+    with atomic_file(path, durable=durable) as fh:
         fh.write(text.encode("utf-8"))
 
 

@@ -23,13 +23,21 @@ from pfbuild.worker.engine import BuildOutcome, ImageInfo, parse_step
 from pfbuild.worker.render import VARIANTS, Variant
 from pfbuild.worker.run import BuildRun
 
-__all__ = ["LABEL_DOCKERFILE", "LABEL_PROFILE", "LABEL_VARIANT", "build_with_ladder"]
+__all__ = [
+    "LABEL_CONTEXT",
+    "LABEL_DOCKERFILE",
+    "LABEL_PROFILE",
+    "LABEL_VARIANT",
+    "build_with_ladder",
+]
 
 # A failed step is at the end of the log; classifying its tail keeps memory bounded.
 _LOG_TAIL_LINES = 20_000
 LABEL_PROFILE = "org.pfbuild.profile_id"
 LABEL_VARIANT = "org.pfbuild.variant"
 LABEL_DOCKERFILE = "org.pfbuild.dockerfile_sha256"
+# the digest of the code COPY put in the image: what makes a cached image a hit
+LABEL_CONTEXT = "org.pfbuild.context_sha256"
 
 
 def build_with_ladder(run: BuildRun, cached: ImageInfo | None) -> tuple[Variant, ImageInfo]:
@@ -150,7 +158,7 @@ def _one_build(
         )
 
     _, text = run.dockerfile(variant)
-    context = make_context(run.resolved.repo_dir, text)
+    context = make_context(run.scan(), text)
     try:
         return run.engine.build(
             context.fileobj,
@@ -164,6 +172,7 @@ def _one_build(
                 LABEL_PROFILE: run.resolved.profile_id,
                 LABEL_VARIANT: variant.name,
                 LABEL_DOCKERFILE: hashlib.sha256(text.encode()).hexdigest(),
+                LABEL_CONTEXT: run.scan().digest,
             },
             on_line=on_line,
         )

@@ -34,12 +34,12 @@ from pfbuild.client.settings import Settings
 from pfbuild.worker import cache, layout
 from pfbuild.worker.artifacts import atomic_write_text, exclusive_lock
 from pfbuild.worker.engine import Engine, ImageInfo
-from pfbuild.worker.ladder import LABEL_VARIANT, build_with_ladder
+from pfbuild.worker.ladder import LABEL_CONTEXT, LABEL_VARIANT, build_with_ladder
 from pfbuild.worker.render import VARIANTS, Variant
 from pfbuild.worker.resolve import ResolvedRequest, resolve_request
 from pfbuild.worker.run import BuildRun, Progress, no_progress
 
-__all__ = ["Progress", "ResolvedRequest", "resolve_request", "run_build"]
+__all__ = ["Progress", "ResolvedRequest", "resolve_request", "reuse_local", "run_build"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,44 @@ def run_build(
         raise StorageError(f"cannot read or write the files of this build: {exc}") from None
 
 
+def reuse_local(
+    resolved: ResolvedRequest,
+    settings: Settings,
+    engine: Engine,
+    *,
+    worker: str | None = None,
+    timings: Timings | None = None,
+) -> BuildAnswer | None:
+    """The hit path: the answer if this engine's tag holds this very code, else None.
+
+    Takes no lock: it only reads the engine and rewrites this request's own manifest
+    (atomically, not fsynced: a crash loses nothing the next hit does not write again).
+    A miss, or a forced rebuild, goes the whole way through :func:`run_build`.
+    """
+    if resolved.request.force_rebuild:
+        return None
+    started = time.monotonic()
+    run = BuildRun(
+        resolved,
+        settings,
+        engine,
+        no_progress,
+        worker or f"{settings.host_id}:{os.getpid()}",
+        timings=timings.model_copy() if timings else Timings(),
+    )
+    try:
+        with run.stage(JobState.CHECKING_CACHE):
+            run.cached = engine.inspect(run.tag)
+            if run.cached is None or run.cached.labels.get(LABEL_CONTEXT) != run.scan().digest:
+                return None
+        resolved.artifacts.mkdir(parents=True, exist_ok=True)
+        return _answer(run, Image(run.cached, "local", _variant_of(run.cached)), started)
+    except requests.RequestException as exc:
+        raise EngineUnavailable(f"the Docker engine failed: {exc}") from None
+    except OSError as exc:
+        raise StorageError(f"cannot read or write the files of this build: {exc}") from None
+
+
 def _sweep(resolved: ResolvedRequest, older_than: float) -> None:
     """Remove temp files a killed run left of this profile's files. Only those untouched
     for longer than any build may run: a live run writes its temp files all the time."""
@@ -124,17 +162,38 @@ def _variant_of(info: ImageInfo) -> Variant:
     return VARIANTS.get(info.labels.get(LABEL_VARIANT, "standard"), VARIANTS["standard"])
 
 
+def _holds_this_code(run: BuildRun, info: ImageInfo, where: str) -> bool:
+    """Whether ``info`` was built from the code about to be built; an event if not."""
+    theirs, ours = info.labels.get(LABEL_CONTEXT), run.scan().digest
+    if theirs == ours:
+        return True
+    run.events.append(
+        f"context changed since the {where} image (it holds {theirs or 'unknown code'}, "
+        f"this request {ours}); building"
+    )
+    return False
+
+
 def _reuse(run: BuildRun) -> Image | None:
-    """The image from the local engine or a saved tarball, unless a rebuild is forced."""
+    """An image holding this very code, from the local engine or a saved tarball, unless
+    a rebuild is forced. A cached image of the profile with other code is no hit: its
+    layers still seed the build (``run.cached``)."""
     with run.stage(JobState.RENDERING):
         run.dockerfile(VARIANTS["standard"])
     with run.stage(JobState.CHECKING_CACHE):
+        run.scan()
         # a forced rebuild still learns what the tag names: its layers seed cache_from
         run.cached = run.engine.inspect(run.tag)
     if run.resolved.request.force_rebuild:
         return None
     if run.cached is not None:
-        return Image(run.cached, "local", _variant_of(run.cached))
+        if _holds_this_code(run, run.cached, "local"):
+            return Image(run.cached, "local", _variant_of(run.cached))
+        return None
+    return _load_tarball(run)
+
+
+def _load_tarball(run: BuildRun) -> Image | None:
     found = cache.find_tarball(run.resolved.cache_dir, run.resolved.profile_id)
     if found is None:
         return None
@@ -147,6 +206,9 @@ def _reuse(run: BuildRun) -> Image | None:
                 "building instead"
             )
             return None
+    run.cached = info
+    if not _holds_this_code(run, info, "tarball"):
+        return None
     return Image(info, "tarball", _variant_of(info), tarball)
 
 
@@ -181,6 +243,7 @@ def _manifest(run: BuildRun, image: Image, dockerfile_text: str) -> Manifest:
         python_version=resolved.profile.python_version,
         base_image=run.base_image,
         dockerfile_sha256=hashlib.sha256(dockerfile_text.encode()).hexdigest(),
+        context_sha256=run.scan().digest,
         cache_source=image.source,
         force_rebuild=resolved.request.force_rebuild,
         attempts=run.attempts,
@@ -206,7 +269,9 @@ def _answer(run: BuildRun, image: Image, started: float) -> BuildAnswer:
     manifest = _manifest(run, image, text)
     manifest_path = run.resolved.artifacts / layout.MANIFEST
     run.guard()
-    atomic_write_text(manifest_path, json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    body = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
+    # a reuse rewrites what it finds again next time; a build's manifest must last
+    atomic_write_text(manifest_path, body, durable=image.source == "built")
     return BuildAnswer(
         image_tag=run.tag,
         profile_id=run.resolved.profile_id,
@@ -214,6 +279,7 @@ def _answer(run: BuildRun, image: Image, started: float) -> BuildAnswer:
         build_log_path=str(run.log_path),
         cache_source=image.source,
         image_id=image.info.id,
+        context_sha256=run.scan().digest,
         build_variant=image.variant.name,
         manifest=manifest,
         manifest_path=str(manifest_path),

@@ -18,6 +18,7 @@ from pfbuild.client.models import Attempt, JobState, Timings
 from pfbuild.client.settings import Settings
 from pfbuild.worker import layout
 from pfbuild.worker.artifacts import atomic_write_text
+from pfbuild.worker.context import ContextScan, scan_context
 from pfbuild.worker.engine import Engine, ImageInfo
 from pfbuild.worker.render import Variant, dockerfile_name, render
 from pfbuild.worker.resolve import ResolvedRequest
@@ -50,6 +51,7 @@ class BuildRun:
     attempts: list[Attempt] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     cached: ImageInfo | None = None  # what the tag named before this run, if checked
+    _scan: ContextScan | None = None
     _rendered: dict[Variant, str] = field(default_factory=dict)
 
     @property
@@ -63,6 +65,12 @@ class BuildRun:
     @property
     def log_path(self) -> Path:
         return self.resolved.artifacts / layout.BUILD_LOG
+
+    def scan(self) -> ContextScan:
+        """The build context's entries and code digest, read once per run."""
+        if self._scan is None:
+            self._scan = scan_context(self.resolved.repo_dir)
+        return self._scan
 
     @contextmanager
     def stage(self, state: JobState) -> Iterator[None]:

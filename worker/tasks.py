@@ -34,7 +34,7 @@ from pfbuild.client.queue import PING_TASK, TASK_NAME, Keys, end_flight
 from pfbuild.client.settings import Settings
 from pfbuild.worker.engine import Engine, engine_from_settings
 from pfbuild.worker.lock import ProfileLock
-from pfbuild.worker.pipeline import run_build
+from pfbuild.worker.pipeline import reuse_local, run_build
 from pfbuild.worker.progress import Reporter
 from pfbuild.worker.resolve import ResolvedRequest, resolve_request
 
@@ -84,6 +84,11 @@ class _Job:
         if self.proc.redis.exists(Keys.cancel(self.id)):
             raise Ignore()  # cancelled while queued, and this worker missed the revoke
         resolved = self.resolve()
+        hit = reuse_local(
+            resolved, self.settings, self.proc.engine, worker=self.worker, timings=self.timings()
+        )
+        if hit is not None:
+            return hit.model_dump(mode="json")  # no lock needed to read the engine
         lock = ProfileLock(
             self.proc.redis, self.profile_id, ttl=self.settings.lock_ttl, owner=self.worker
         )
@@ -137,14 +142,17 @@ class _Job:
                 "time; giving up rather than trying again"
             )
 
-    def build(
-        self, resolved: ResolvedRequest, reporter: Reporter, guard: Callable[[], None]
-    ) -> BuildAnswer:
+    def timings(self) -> Timings:
+        """What this job spent before the pipeline: queued, and waiting for the lock."""
         first_seen = self.kwargs.get("lock_wait_since") or self.started
-        timings = Timings(
+        return Timings(
             queue_wait=max(0.0, first_seen - float(self.kwargs["submitted_at"])),
             lock_wait=self.started - first_seen,
         )
+
+    def build(
+        self, resolved: ResolvedRequest, reporter: Reporter, guard: Callable[[], None]
+    ) -> BuildAnswer:
         return run_build(
             resolved,
             self.settings,
@@ -152,7 +160,7 @@ class _Job:
             progress=reporter,
             worker=self.worker,
             guard=guard,
-            timings=timings,
+            timings=self.timings(),
         )
 
 
@@ -190,10 +198,9 @@ def register(
         ) -> None:
             # The result is stored by now: end the flight, so that the next submit of this
             # profile starts afresh (after a failure) or finds the cache.
-            kwargs = kwargs or {}
-            if kwargs.get("profile_id"):
-                forced = bool((kwargs.get("request") or {}).get("force_rebuild"))
-                end_flight(proc.redis, Keys.flight(kwargs["profile_id"], forced), task_id)
+            flight = (kwargs or {}).get("flight")
+            if isinstance(flight, str):
+                end_flight(proc.redis, flight, task_id)
 
     @app.task(name=PING_TASK, shared=False)  # type: ignore[untyped-decorator]
     def ping() -> str:

@@ -10,15 +10,17 @@ from pfbuild.client.queue import Keys, end_flight, job_state
 
 
 def test_every_key_is_namespaced() -> None:
-    keys = [Keys.flight("p", True), Keys.flight("p", False), Keys.log("j"), Keys.lock("p"),
+    keys = [Keys.flight("p", True, "/r"), Keys.flight("p", False, "/r"),
+            Keys.flight("p", False, "/other"), Keys.log("j"), Keys.lock("p"),
             Keys.fence("p"), Keys.cancel("j"), Keys.starts("j")]
     assert all(k.startswith("pfbuild:") for k in keys)
-    assert len(set(keys)) == len(keys)  # a forced flight never shares the unforced one
+    # a forced flight never shares the unforced one, nor two repositories one flight
+    assert len(set(keys)) == len(keys)
 
 
 def test_a_job_ends_only_its_own_flight() -> None:
     r = fakeredis.FakeRedis()
-    key = Keys.flight("p", False)
+    key = Keys.flight("p", False, "/r")
     r.set(key, "newer-job")
     assert not end_flight(r, key, "older-job")  # an old job must not end a newer flight
     assert r.get(key) == b"newer-job"
