@@ -34,7 +34,14 @@ from pfbuild.client.errors import (
 )
 from pfbuild.client.models import BuildAnswer, BuildRequest, JobState
 from pfbuild.client.profile import load_profile_file, parse_profile, validate_request
-from pfbuild.client.queue import TASK_NAME, Keys, end_flight, job_state, make_celery
+from pfbuild.client.queue import (
+    TASK_NAME,
+    Keys,
+    end_flight,
+    job_state,
+    make_celery,
+    signal_done,
+)
 from pfbuild.client.settings import Settings
 
 __all__ = ["BuildClient", "BuildJob", "JobStatus"]
@@ -122,20 +129,32 @@ class BuildJob:
     def result(self, timeout: float | None = None, poll: float = 0.5) -> BuildAnswer:
         """Wait for the answer; re-raise the worker's structured error on failure.
 
-        Polls every 10 ms at first (a cache hit answers in tens of ms), backing off to
-        every ``poll`` seconds (a build takes minutes): one GET per poll.
+        Between two reads of the result it blocks (at most ``poll`` seconds) on the job's
+        done signal, which the worker pushes once the result is stored: a hit is seen the
+        moment it is stored, with no subscription per job (celery#5320) and no busy loop.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        for delay in _backoff(poll):
+        while True:
             answer = self._outcome()
             if answer is not None:
                 return answer
-            if deadline is not None and time.monotonic() >= deadline:
+            left = poll if deadline is None else min(poll, deadline - time.monotonic())
+            if left <= 0:
                 raise JobTimeout(
                     f"job {self.id} not finished after {timeout}s ({self.status().stage})"
                 )
-            time.sleep(delay)
-        raise AssertionError("unreachable")
+            self._await_done(left)
+
+    def _await_done(self, seconds: float) -> None:
+        """Block until the job's done signal, or ``seconds``; the signal stays for others."""
+        key = Keys.done(self.id)
+        try:
+            # moving the one element from the list to itself wakes every waiter in turn
+            self.client.redis.blmove(key, key, max(seconds, 0.01), "LEFT", "RIGHT")
+        except redis.ResponseError:  # a server without BLMOVE: plain polling
+            time.sleep(min(seconds, 0.05))
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"cannot read job {self.id}: {exc}") from None
 
     wait = result
 
@@ -182,6 +201,7 @@ class BuildJob:
             self.client.redis.set(Keys.cancel(self.id), 1, ex=self.client.settings.result_expires)
             self.client.app.control.revoke(self.id, terminate=True, signal="SIGTERM")
             self.client.app.backend.mark_as_revoked(self.id, reason="cancelled by the client")
+            signal_done(self.client.redis, self.id, self.client.settings.result_expires)
             if self.flight_key:
                 end_flight(self.client.redis, self.flight_key, self.id)
         except (redis.RedisError, OperationalError) as exc:

@@ -24,6 +24,7 @@ __all__ = [
     "end_flight",
     "job_state",
     "make_celery",
+    "signal_done",
 ]
 
 TASK_NAME = "pfbuild.build"
@@ -81,6 +82,10 @@ class Keys:
     def starts(job_id: str) -> str:
         return f"pfbuild:starts:{job_id}"
 
+    @staticmethod
+    def done(job_id: str) -> str:
+        return f"pfbuild:done:{job_id}"
+
 
 _DELETE_IF_VALUE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
@@ -94,6 +99,15 @@ def end_flight(client: redis.Redis, flight_key: str, job_id: str) -> bool:
     Atomic in Redis: a job ends its own flight, never a newer one that replaced it.
     """
     return bool(client.eval(_DELETE_IF_VALUE, 1, flight_key, job_id))
+
+
+def signal_done(client: redis.Redis, job_id: str, ttl: int) -> None:
+    """Wake whoever waits for ``job_id``: its result (or revocation) is stored."""
+    pipe = client.pipeline(transaction=False)
+    pipe.rpush(Keys.done(job_id), 1)
+    pipe.ltrim(Keys.done(job_id), 0, 0)
+    pipe.expire(Keys.done(job_id), ttl)
+    pipe.execute()
 
 
 class PollingRedisBackend(RedisBackend):  # type: ignore[misc]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import resource
 import shutil
 import subprocess
@@ -22,18 +23,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pfbuild.client.jobs import BuildClient, _backoff
+from celery import Celery
+
+from pfbuild.client.jobs import BuildClient
 from pfbuild.client.profile import validate_request
-from pfbuild.client.queue import PING_TASK, Keys
+from pfbuild.client.queue import PING_TASK, QUEUE, Keys
 from pfbuild.client.settings import Settings
 from pfbuild.worker import cache
+from pfbuild.worker.context import scan_context
 from pfbuild.worker.engine import engine_from_settings
 from pfbuild.worker.layout import EXCLUDED_FROM_CONTEXT
 from pfbuild.worker.localfarm import RedisServer, Worker
 from pfbuild.worker.pipeline import run_build
 from pfbuild.worker.resolve import resolve_request
 
-__all__ = ["queue_bench", "tarball_bench"]
+__all__ = ["digest_bench", "queue_bench", "tarball_bench"]
 
 Row = dict[str, Any]
 
@@ -172,14 +176,10 @@ def _bench_farm(settings: Settings, repo: Path) -> Iterator[_BenchFarm]:
                 engine.remove(tag)
 
 
-def _ping_round_trip(client: BuildClient) -> float:
-    """A trivial task sent and its result polled, the way the client polls a build."""
+def _bare_round_trip(app: Celery) -> float:
+    """A trivial task sent and waited for through Celery's stock Redis result backend."""
     start = time.perf_counter()
-    ping = client.app.send_task(PING_TASK)
-    for delay in _backoff(0.5):
-        if client.app.backend.get_task_meta(ping.id)["status"] == "SUCCESS":
-            break
-        time.sleep(delay)
+    app.send_task(PING_TASK).get(timeout=60)
     return time.perf_counter() - start
 
 
@@ -187,15 +187,18 @@ def _hit_row(farm: _BenchFarm, rounds: int) -> Row:
     """A cache hit through the queue vs a trivial task round trip."""
     hit_req = farm.request()
     farm.tags.append(farm.client.submit(hit_req).result(timeout=1800).image_tag)
+    # the baseline: a bare Celery client (stock backend, pub/sub wait) on the same broker
+    bare = Celery("bench", broker=farm.client.url, backend=farm.client.url)
+    bare.conf.update(task_default_queue=QUEUE, task_serializer="json", result_serializer="json")
     pings, hits = [], []
     for _ in range(rounds):
-        pings.append(_ping_round_trip(farm.client))
+        pings.append(_bare_round_trip(bare))
         start = time.perf_counter()
         answer = farm.client.submit(hit_req).result(timeout=60)
         hits.append(time.perf_counter() - start)
         assert answer.cache_source == "local"
     return {
-        "measure": "cache hit via queue / trivial task round trip",
+        "measure": "cache hit via queue (digest checked) / bare Celery round trip",
         "baseline_s": _median(pings),
         "pfbuild_s": _median(hits),
         "ratio": _median(hits) / _median(pings),
@@ -258,6 +261,32 @@ def _flight_row(farm: _BenchFarm, submits: int) -> Row:
         "ratio": float(starts),
         "goal": "builds run = 1; pfbuild_s = slowest waiter after the build ended, <= 1",
     }
+
+
+def digest_bench(megabytes: int = 200, files: int = 2000) -> list[Row]:
+    """The context digest's cost per MB of tree: cold (every file read) and warm (stat only)."""
+    with tempfile.TemporaryDirectory(prefix="pfbuild-dbench-") as tmp:
+        root = Path(tmp)
+        chunk = os.urandom(megabytes * 2**20 // files)
+        for i in range(files):
+            sub = root / f"d{i % 50}"
+            sub.mkdir(exist_ok=True)
+            (sub / f"f{i}.bin").write_bytes(chunk[: len(chunk) - i % 7] + bytes([i % 251]))
+        # a checkout a moment old: files changed within the last seconds are always read
+        time.sleep(2.5)
+        start = time.perf_counter()
+        cold = scan_context(root)
+        cold_s = time.perf_counter() - start
+        start = time.perf_counter()
+        warm = scan_context(root)
+        warm_s = time.perf_counter() - start
+        assert cold.digest == warm.digest
+        size_mb = cold.bytes / 2**20
+    return [
+        {"measure": f"context digest, {size_mb:.0f} MB in {cold.files} files",
+         "cold_s": cold_s, "warm_s": warm_s, "cold_ms_per_mb": 1000 * cold_s / size_mb,
+         "warm_ms_per_mb": 1000 * warm_s / size_mb}
+    ]
 
 
 def queue_bench(

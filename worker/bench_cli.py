@@ -70,3 +70,20 @@ def bench_queue(
         columns,
         [[row[c] for c in columns] for row in rows],
     )
+
+
+@bench_app.command("digest")
+def bench_digest(
+    megabytes: Annotated[int, typer.Option(help="Size of the tree.")] = 200,
+    files: Annotated[int, typer.Option(help="Files in the tree.")] = 2000,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """The context digest's cost per MB of tree, cold and warm (stat cache)."""
+    from pfbuild.worker.bench import digest_bench
+
+    rows = digest_bench(megabytes, files)
+    if as_json:
+        emit({"benchmark": "digest", "rows": rows})
+        return
+    columns = list(rows[0])
+    _print_table("context digest", columns, [[row[c] for c in columns] for row in rows])

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import redis
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
+from celery.states import READY_STATES
 
 from pfbuild.client.errors import (
     BadRequest,
@@ -30,7 +31,7 @@ from pfbuild.client.errors import (
 )
 from pfbuild.client.models import BuildAnswer, JobState, Timings
 from pfbuild.client.profile import validate_request
-from pfbuild.client.queue import PING_TASK, TASK_NAME, Keys, end_flight
+from pfbuild.client.queue import PING_TASK, TASK_NAME, Keys, end_flight, signal_done
 from pfbuild.client.settings import Settings
 from pfbuild.worker.engine import Engine, engine_from_settings
 from pfbuild.worker.lock import ProfileLock
@@ -201,6 +202,8 @@ def register(
             flight = (kwargs or {}).get("flight")
             if isinstance(flight, str):
                 end_flight(proc.redis, flight, task_id)
+            if status in READY_STATES:
+                signal_done(proc.redis, task_id, settings.result_expires)
 
     @app.task(name=PING_TASK, shared=False)  # type: ignore[untyped-decorator]
     def ping() -> str:

@@ -147,3 +147,30 @@ def test_a_malformed_request_is_a_bad_request(client: BuildClient) -> None:
     with pytest.raises(BadRequest, match="force_rebuild"):
         client.submit({"repo_dir": ".", "profile": PROFILE, "force_rebuild": "yes"})
     assert client.redis.llen("pfbuild") == 0  # nothing was queued
+
+
+def test_every_waiter_wakes_on_the_done_signal_not_the_next_poll(client: BuildClient,
+                                                                 tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from pfbuild.client.queue import signal_done
+
+    job = client.submit(_req(tmp_path))
+    woke: list[float] = []
+
+    def wait() -> None:
+        with pytest.raises(BuildFailed):
+            client.job(job.id).result(timeout=120, poll=60)  # a poll alone would take 60 s
+        woke.append(time.monotonic())
+
+    waiters = [threading.Thread(target=wait) for _ in range(3)]
+    for t in waiters:
+        t.start()
+    time.sleep(0.5)
+    signalled = time.monotonic()
+    client.app.backend.mark_as_failure(job.id, BuildFailed("boom"))
+    signal_done(client.redis, job.id, 60)
+    for t in waiters:
+        t.join(30)
+    assert len(woke) == 3 and max(woke) - signalled < 20
