@@ -133,6 +133,7 @@ def make_celery(settings: Settings, redis_url: str, *, name: str = "pfbuild") ->
         result_accept_content=["json"],
         task_default_queue=QUEUE,
         result_expires=settings.result_expires,
-        result_extended=True,
+        # no request copy in each result: a hit's result is written and read on the hot path
+        result_extended=False,
     )
     return app

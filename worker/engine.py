@@ -102,6 +102,10 @@ class DockerEngine:
         self.host = base_url
         try:
             self.api = docker.APIClient(base_url=base_url, timeout=timeout, version="auto")
+            if base_url.startswith("unix://"):
+                # no proxy or netrc applies to a local socket; looking them up costs more
+                # than the inspect of a cache hit itself
+                self.api.trust_env = False
         except (docker.errors.DockerException, *_UNREACHABLE) as exc:
             raise EngineUnavailable(
                 f"cannot reach the Docker engine at {base_url}: {exc}. "

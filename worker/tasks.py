@@ -89,7 +89,11 @@ class _Job:
             resolved, self.settings, self.proc.engine, worker=self.worker, timings=self.timings()
         )
         if hit is not None:
-            return hit.model_dump(mode="json")  # no lock needed to read the engine
+            # no lock needed to read the engine; the flight ends before the answer is
+            # stored, so the next submit starts a job of its own (a hit) at once instead
+            # of finding this one finished and cleaning up after it
+            self.end_flight()
+            return hit.model_dump(mode="json")
         lock = ProfileLock(
             self.proc.redis, self.profile_id, ttl=self.settings.lock_ttl, owner=self.worker
         )
@@ -106,6 +110,11 @@ class _Job:
             reporter.flush()
             lock.release()
         return answer.model_dump(mode="json")
+
+    def end_flight(self) -> None:
+        flight = self.kwargs.get("flight")
+        if isinstance(flight, str):
+            end_flight(self.proc.redis, flight, self.id)
 
     def resolve(self) -> ResolvedRequest:
         """Validate and resolve the request once; the pipeline takes it from here."""
