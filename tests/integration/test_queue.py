@@ -33,7 +33,7 @@ def farm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("farm")
 
 
-def _env(url: str, tmp: Path, hard_limit: int = 110) -> dict[str, str]:
+def _env(url: str, tmp: Path, hard_limit: int = 300) -> dict[str, str]:
     return {
         "PFBUILD_REDIS_URL": url,
         "PFBUILD_TMP_DIR": str(tmp / "pf-tmp"),
