@@ -2,10 +2,14 @@
 
     PfbuildError                    root; carries a stable ``type`` and an exit code
     ├── BadRequest                  the request or profile is refused; nothing was built
-    │   └── ProfileRefused          the profile asks for something pfbuild will not build
+    │   ├── ProfileRefused          the profile asks for something pfbuild will not build
+    │   ├── InvalidJson             not strict JSON: bad UTF-8, NaN, duplicate keys, too deep
+    │   ├── LimitExceeded           a size, length or count over one of Settings' limits
+    │   └── UnsafePath              a path with NUL or a loop, or not a regular file / folder
     ├── EngineUnavailable           no Docker engine answers (or it failed outside a build)
     ├── BuildFailed                 the image build failed; carries a failure class and log
     │   └── BuildTimeout            the build ran past the worker's time limit and was stopped
+    │       └── BuildIdleTimeout    the build printed nothing for PFBUILD_IDLE_TIMEOUT seconds
     ├── LockLost                    a worker lost its profile lock mid-build and stopped
     ├── QueueUnavailable            the broker / result backend cannot be reached
     ├── JobTimeout                  waiting for a job took longer than asked
@@ -25,15 +29,19 @@ from pfbuild.client.models import ErrorInfo, FailureInfo
 __all__ = [
     "BadRequest",
     "BuildFailed",
+    "BuildIdleTimeout",
     "BuildTimeout",
     "EngineUnavailable",
     "ExitCode",
+    "InvalidJson",
     "JobCancelled",
     "JobTimeout",
+    "LimitExceeded",
     "LockLost",
     "PfbuildError",
     "ProfileRefused",
     "QueueUnavailable",
+    "UnsafePath",
 ]
 
 
@@ -122,6 +130,24 @@ class ProfileRefused(BadRequest):
     type = "profile_refused"
 
 
+class InvalidJson(BadRequest):
+    """Not strict JSON: bad UTF-8, a lone surrogate, NaN, a duplicate key, too deep."""
+
+    type = "invalid_json"
+
+
+class LimitExceeded(BadRequest):
+    """A size, length or count is over a limit in ``Settings``; ``details`` names the setting."""
+
+    type = "limit_exceeded"
+
+
+class UnsafePath(BadRequest):
+    """A path holds NUL or loops, or names something other than a regular file or folder."""
+
+    type = "unsafe_path"
+
+
 class EngineUnavailable(PfbuildError):
     """The Docker engine cannot be reached, or failed outside of the build itself."""
 
@@ -146,6 +172,12 @@ class BuildTimeout(BuildFailed):
     """The build ran past the worker's soft time limit; it was stopped and its lock freed."""
 
     type = "build_timeout"
+
+
+class BuildIdleTimeout(BuildTimeout):
+    """The build printed nothing for ``PFBUILD_IDLE_TIMEOUT`` seconds; it was stopped."""
+
+    type = "build_idle_timeout"
 
 
 class QueueUnavailable(PfbuildError):
@@ -175,9 +207,13 @@ _BY_TYPE: dict[str, type[PfbuildError]] = {
         PfbuildError,
         BadRequest,
         ProfileRefused,
+        InvalidJson,
+        LimitExceeded,
+        UnsafePath,
         EngineUnavailable,
         BuildFailed,
         BuildTimeout,
+        BuildIdleTimeout,
         LockLost,
         QueueUnavailable,
         JobTimeout,

@@ -217,19 +217,18 @@ class BuildClient:
         return BuildJob(self, job_id)
 
     def _prepare(self, request: BuildRequest | dict[str, Any]) -> tuple[BuildRequest, str]:
-        req = validate_request(request)
+        req = validate_request(request, self.settings)
         if req.profile_path is not None:
             # read here, so that workers on other hosts need no access to the file
-            req = req.model_copy(
-                update={"profile": load_profile_file(req.profile_path), "profile_path": None}
-            )
+            profile = load_profile_file(req.profile_path, self.settings)
+            req = req.model_copy(update={"profile": profile, "profile_path": None})
         # paths mean what they mean here, not in a worker's working directory
         update: dict[str, Any] = {"repo_dir": os.path.abspath(req.repo_dir)}
         if req.image_cache_dir:
             update["image_cache_dir"] = os.path.abspath(req.image_cache_dir)
         req = req.model_copy(update=update)
         assert req.profile is not None
-        return req, parse_profile(req.profile).profile_id
+        return req, parse_profile(req.profile, settings=self.settings).profile_id
 
     def submit(self, request: BuildRequest | dict[str, Any]) -> BuildJob:
         """Enqueue one request, or join the job already building its profile."""

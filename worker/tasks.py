@@ -160,7 +160,7 @@ def register(
             "docker_host": settings.host_id,
         }
         try:
-            req = validate_request(request)
+            req = validate_request(request, settings)
             relative = [
                 p for p in (req.repo_dir, req.image_cache_dir) if p and not os.path.isabs(p)
             ]
