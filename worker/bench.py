@@ -56,6 +56,7 @@ def tarball_bench(settings: Settings, tag: str, rounds: int = 2) -> list[Row]:
     """pfbuild's zstd save/load against the ``docker save``/``docker load`` command line."""
     from pfbuild.worker import cache
     from pfbuild.worker.engine import DockerEngine
+    from pfbuild.worker.trust import TrustStore
 
     def connect() -> DockerEngine:
         # each child opens its own connection: sockets do not survive a fork cleanly
@@ -69,6 +70,7 @@ def tarball_bench(settings: Settings, tag: str, rounds: int = 2) -> list[Row]:
         work = Path(tmp)
         plain = work / "plain.tar"
         zst = work / "bench.tar.zst"
+        trust = TrustStore(work / "trust")
         idle_rss = _measure(_idle)[1]
         for i in range(rounds):
             cli_save, _ = _measure(
@@ -82,6 +84,7 @@ def tarball_bench(settings: Settings, tag: str, rounds: int = 2) -> list[Row]:
                     "bench",
                     level=settings.zstd_level,
                     threads=settings.zstd_threads,
+                    trust=trust,
                 )
             )
             engine.remove(tag)
@@ -93,7 +96,9 @@ def tarball_bench(settings: Settings, tag: str, rounds: int = 2) -> list[Row]:
                 )
             )
             engine.remove(tag)
-            ours_load, load_rss = _measure(lambda: cache.load_tarball(connect(), zst, tag))
+            ours_load, load_rss = _measure(
+                lambda: cache.load_tarball(connect(), zst, tag, trust=trust)
+            )
             if engine.inspect(tag) is None:
                 raise SystemExit("the benchmark's load did not restore the image")
             rows.append(

@@ -43,6 +43,7 @@ from pfbuild.worker.context import DOCKERFILE_IN_CONTEXT, make_context
 from pfbuild.worker.engine import BuildOutcome, Engine, parse_step
 from pfbuild.worker.render import VARIANTS, Variant, dockerfile_name, render
 from pfbuild.worker.resolve import ResolvedRequest, resolve_request
+from pfbuild.worker.trust import TrustStore
 
 __all__ = ["Progress", "ResolvedRequest", "resolve_request", "run_build"]
 
@@ -187,7 +188,9 @@ def _pipeline(run: _Run, started: float) -> BuildAnswer:
         if found is not None:
             with run.stage("loading_tarball", "load"):
                 try:
-                    tarball = cache.load_tarball(engine, found, run.tag)
+                    tarball = cache.load_tarball(
+                        engine, found, run.tag, trust=TrustStore(settings.trust_dir())
+                    )
                     image = engine.inspect(run.tag)
                     source = "tarball"
                 except cache.TarballRejected as exc:
@@ -209,6 +212,7 @@ def _pipeline(run: _Run, started: float) -> BuildAnswer:
                 job.profile.profile_id,
                 level=settings.zstd_level,
                 threads=settings.zstd_threads,
+                trust=TrustStore(settings.trust_dir()),
                 before_commit=guard,
             )
     if image is None:
