@@ -65,8 +65,9 @@ class JsonLimits:
 
 
 def _too_large(what: str, setting: str, limit: int, got: int | str) -> NoReturn:
+    hint = f"; set PFBUILD_{setting.upper()} to change it" if setting else ""
     raise LimitExceeded(
-        f"{what} is over the limit of {limit} ({got}); set PFBUILD_{setting.upper()} to change it",
+        f"{what} is over the limit of {limit} ({got}){hint}",
         details={"setting": setting, "limit": limit},
     )
 
@@ -196,10 +197,11 @@ def resolve_path(value: str | Path, *, what: str, must_exist: bool) -> tuple[Pat
 
 
 def read_bounded(
-    path: str | Path, *, what: str, limit: int, setting: str, follow_symlinks: bool = True
+    path: str | Path, *, what: str, limit: int, setting: str = "", follow_symlinks: bool = True
 ) -> bytes:
     """At most ``limit`` bytes of the regular file at ``path``, or a BadRequest.
 
+    ``setting`` names the Settings field that holds ``limit``, if one does.
     Opened with ``O_NONBLOCK`` (so a FIFO cannot block the open) and, unless
     ``follow_symlinks``, ``O_NOFOLLOW``; anything but a regular file (a FIFO, a device
     such as ``/dev/zero``, a folder) is refused before a byte is read.

@@ -42,7 +42,8 @@ class FakeEngine:
 
     def build(self, context: IO[bytes], *, tag: str, dockerfile: str, cache_from: list[str],
               nocache: bool, labels: dict[str, str],
-              on_line: Callable[[str], None]) -> BuildOutcome:
+              on_line: Callable[[str], None],
+              idle_timeout: float | None = None) -> BuildOutcome:
         with tarfile.open(fileobj=context, mode="r|") as tar:
             members = {}
             for m in tar:
@@ -54,6 +55,7 @@ class FakeEngine:
             name.encode() + b"\0" + hashlib.sha256(data).digest()
             for name, data in sorted(members.items()) if name != dockerfile)).hexdigest()
         self.builds.append({"tag": tag, "dockerfile": text, "nocache": nocache,
+                            "idle_timeout": idle_timeout,
                             "cache_from": cache_from, "members": sorted(members),
                             "sources": sources})
         for line in self.build_log(text):

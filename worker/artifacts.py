@@ -117,7 +117,6 @@ def locked_json_update(path: str | Path, update: Callable[[dict[str, Any]], T]) 
                 target,
                 what="state file",
                 limit=STATE_FILE_MAX_BYTES,
-                setting="state_file_max_bytes",
                 follow_symlinks=False,
             )
             data = loads_strict(raw, what=str(target), limits=_STATE_JSON)

@@ -181,7 +181,6 @@ def _expected_digest(path: Path) -> str | None:
             side,
             what="sidecar",
             limit=_SIDECAR_MAX_BYTES,
-            setting="sidecar",
             follow_symlinks=False,
         )
         words = raw.decode("ascii").split()

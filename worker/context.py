@@ -17,6 +17,7 @@ from typing import IO
 
 from docker.utils.build import exclude_paths
 
+from pfbuild.client.inputs import read_bounded
 from pfbuild.worker.artifacts import HashingWriter
 
 __all__ = ["ALWAYS_EXCLUDED", "DOCKERFILE_IN_CONTEXT", "BuildContext", "make_context"]
@@ -30,6 +31,7 @@ DOCKERFILE_IN_CONTEXT = ".pfbuild.Dockerfile"
 # cannot store earlier times.
 FIXED_MTIME = 946684800
 _SPOOL_BYTES = 16 * 1024 * 1024
+DOCKERIGNORE_MAX_BYTES = 256 * 1024
 
 
 class BuildContext:
@@ -47,9 +49,13 @@ class BuildContext:
 
 def _read_dockerignore(root: Path) -> list[str]:
     path = root / ".dockerignore"
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         return []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    # the repository's file: a regular one, not a link, a FIFO or a device, and not huge
+    raw = read_bounded(
+        path, what=".dockerignore", limit=DOCKERIGNORE_MAX_BYTES, follow_symlinks=False
+    )
+    lines = raw.decode("utf-8", errors="replace").splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 

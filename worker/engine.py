@@ -16,12 +16,16 @@ from typing import IO, Any, Protocol
 import docker
 import docker.errors
 import requests.exceptions
+import urllib3.exceptions
 
-from pfbuild.client.errors import EngineUnavailable, PfbuildError
+from pfbuild.client.errors import BuildIdleTimeout, EngineUnavailable, PfbuildError
 
 __all__ = ["BuildOutcome", "DockerEngine", "Engine", "ImageInfo", "LoadFailed", "parse_step"]
 
 _STEP_RE = re.compile(r"^Step (\d+)/(\d+) :")
+# A log line longer than this is cut into pieces as it arrives: a build printing megabytes
+# without a newline costs neither quadratic time nor unbounded memory.
+MAX_LOG_LINE = 16 * 1024
 
 
 def parse_step(line: str) -> tuple[int, int] | None:
@@ -68,8 +72,13 @@ class Engine(Protocol):
         nocache: bool,
         labels: dict[str, str],
         on_line: Callable[[str], None],
+        idle_timeout: float | None = None,
     ) -> BuildOutcome:
-        """Build ``context``; every log line goes to ``on_line`` as it arrives."""
+        """Build ``context``; every log line goes to ``on_line`` as it arrives.
+
+        A build that sends nothing for ``idle_timeout`` seconds is stopped and raises
+        :class:`BuildIdleTimeout`; None waits as long as it takes.
+        """
 
     def save(self, tag: str) -> Iterator[bytes]:
         """Stream ``tag`` out as an (uncompressed) image tarball."""
@@ -125,6 +134,7 @@ class DockerEngine:
         nocache: bool,
         labels: dict[str, str],
         on_line: Callable[[str], None],
+        idle_timeout: float | None = None,
     ) -> BuildOutcome:
         pending = ""
         error: str | None = None
@@ -141,18 +151,39 @@ class DockerEngine:
                 rm=True,
                 forcerm=True,
                 decode=True,
+                # each read of the stream waits at most this long: the engine stops the
+                # build when the connection closes, so a silent build ends here
+                timeout=idle_timeout,
             )
             for item in stream:
                 if "stream" in item:
-                    pending += str(item["stream"])
-                    *lines, pending = pending.split("\n")
-                    for line in lines:
-                        on_line(line)
+                    chunk = str(item["stream"])
+                    pending += chunk
+                    if "\n" in chunk:
+                        *lines, pending = pending.split("\n")
+                        for line in lines:
+                            on_line(line[:MAX_LOG_LINE])
+                    while len(pending) > MAX_LOG_LINE:  # a line without end: cut, not hoarded
+                        on_line(pending[:MAX_LOG_LINE])
+                        pending = pending[MAX_LOG_LINE:]
                 elif "error" in item:
                     error = str(item["error"]).strip()
                     on_line(f"ERROR: {error}")
                 elif isinstance(item.get("aux"), dict) and "ID" in item["aux"]:
                     image_id = str(item["aux"]["ID"])
+        except (urllib3.exceptions.ReadTimeoutError, requests.exceptions.ReadTimeout) as exc:
+            if idle_timeout is None or not self.ping():
+                raise EngineUnavailable(
+                    f"Docker engine at {self.host} stopped answering mid-build: {exc}"
+                ) from None
+            if pending:
+                on_line(pending)
+            raise BuildIdleTimeout(
+                f"the build printed nothing for {idle_timeout:g}s and was stopped "
+                "(an install command waiting for input or a hung download?); "
+                "raise PFBUILD_IDLE_TIMEOUT if it is just slow and quiet",
+                details={"idle_timeout": idle_timeout},
+            ) from None
         except _UNREACHABLE as exc:
             raise EngineUnavailable(
                 f"Docker engine at {self.host} failed mid-build: {exc}"

@@ -26,7 +26,14 @@ from typing import IO, Any
 
 import requests
 
-from pfbuild.client.errors import BuildFailed, EngineUnavailable, LockLost, PfbuildError
+from pfbuild.client.errors import (
+    BadRequest,
+    BuildFailed,
+    EngineUnavailable,
+    LockLost,
+    PfbuildError,
+)
+from pfbuild.client.inputs import read_bounded
 from pfbuild.client.models import (
     Attempt,
     BuildAnswer,
@@ -111,9 +118,17 @@ class _Run:
         path = self.job.artifacts / dockerfile_name(variant)
         # the text is deterministic: on a cache hit the file is already right, and an
         # fsync'd rewrite would be the costliest step of the hit
-        if not (path.is_file() and path.read_bytes() == text.encode("utf-8")):
+        if not _holds(path, text.encode("utf-8")):
             atomic_write_text(path, text)
         return path, text
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether ``path`` is a regular file (not a link) holding exactly ``data``."""
+    try:
+        return read_bounded(path, what=path.name, limit=len(data), follow_symlinks=False) == data
+    except BadRequest:  # missing, a link, a FIFO, longer: rewrite it
+        return False
 
 
 def run_build(
@@ -380,6 +395,7 @@ def _one_build(
                 LABEL_DOCKERFILE: hashlib.sha256(text.encode()).hexdigest(),
             },
             on_line=on_line,
+            idle_timeout=run.settings.idle_timeout or None,
         )
     finally:
         context.close()

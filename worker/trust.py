@@ -52,7 +52,6 @@ class TrustStore:
                 self._record(digest),
                 what="trust record",
                 limit=_RECORD_MAX_BYTES,
-                setting="state_dir",
                 follow_symlinks=False,
             )
             body = loads_strict(raw, what="trust record", limits=_RECORD_JSON)
