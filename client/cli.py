@@ -27,12 +27,22 @@ from typing import Annotated, Any
 import typer
 
 from pfbuild.client.errors import BadRequest, ExitCode, JobTimeout, PfbuildError
+from pfbuild.client.inputs import JsonLimits, loads_strict
 from pfbuild.client.jobs import BuildClient, BuildJob
 from pfbuild.client.models import BuildAnswer, BuildRequest
 from pfbuild.client.profile import validate_request
 from pfbuild.client.settings import Settings
 
-__all__ = ["Extensions", "app", "emit", "fail", "main", "parse_request", "settings_of"]
+__all__ = [
+    "Extensions",
+    "app",
+    "emit",
+    "fail",
+    "main",
+    "parse_request",
+    "read_stdin",
+    "settings_of",
+]
 
 app = typer.Typer(
     name="pfbuild",
@@ -66,13 +76,16 @@ def settings_of(ctx: typer.Context) -> Settings:
     return settings
 
 
-def parse_request(text: str) -> BuildRequest:
-    """A request from JSON text; every problem is a BadRequest naming the field."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"the request is not valid JSON: {exc}") from None
-    return validate_request(data)
+def parse_request(text: str | bytes, settings: Settings | None = None) -> BuildRequest:
+    """A request from strict JSON; every problem is a BadRequest naming the field."""
+    settings = settings or Settings()
+    data = loads_strict(text, what="the request", limits=JsonLimits.of(settings))
+    return validate_request(data, settings)
+
+
+def read_stdin(settings: Settings) -> bytes:
+    """stdin as bytes (decoded strictly later), one byte past the limit at most."""
+    return sys.stdin.buffer.read(settings.max_request_bytes + 1)
 
 
 def emit(payload: dict[str, Any]) -> None:
@@ -87,18 +100,22 @@ def fail(exc: PfbuildError) -> typer.Exit:
 
 
 def _read_request(
-    repo_dir: str | None, profile: str | None, force: bool, cache_dir: str | None
+    repo_dir: str | None,
+    profile: str | None,
+    force: bool,
+    cache_dir: str | None,
+    settings: Settings,
 ) -> BuildRequest:
     if repo_dir is None:
         if sys.stdin.isatty():
             raise BadRequest("give --repo-dir and --profile, or a request object on stdin")
-        return parse_request(sys.stdin.read())
+        return parse_request(read_stdin(settings), settings)
     if profile is None:
         raise BadRequest("--profile is required with --repo-dir")
     data: dict[str, Any] = {"repo_dir": repo_dir, "profile_path": profile, "force_rebuild": force}
     if cache_dir:
         data["image_cache_dir"] = cache_dir
-    return validate_request(data)
+    return validate_request(data, settings)
 
 
 def _watch(job: BuildJob, timeout: float | None, show: bool) -> BuildAnswer:
@@ -160,7 +177,7 @@ def submit(
     settings = settings_of(ctx)
     show = not as_json and sys.stderr.isatty()
     try:
-        request = _read_request(repo_dir, profile, force, cache_dir)
+        request = _read_request(repo_dir, profile, force, cache_dir, settings)
         if settings.redis_url is None:
             if not wait:
                 raise BadRequest(

@@ -2,7 +2,10 @@
 
     PfbuildError                    root, never raised itself: a stable ``type``, an exit code
     ├── BadRequest                  the request or profile is refused; nothing was built
-    │   └── ProfileRefused          the profile asks for something pfbuild will not build
+    │   ├── ProfileRefused          the profile asks for something pfbuild will not build
+    │   ├── InvalidJson             not strict JSON: bad UTF-8, NaN, duplicate keys, too deep
+    │   ├── LimitExceeded           a size, length or count over one of Settings' limits
+    │   └── UnsafePath              a path with NUL or a loop, or not a regular file / folder
     ├── EngineError                 the Docker engine failed outside a build step
     │   ├── EngineUnavailable       no Docker engine answers
     │   ├── ImageLoadFailed         the engine refused an image tarball
@@ -11,6 +14,7 @@
     ├── StorageError                the worker cannot read or write a build's files
     ├── BuildFailed                 the image build failed; carries a failure class and log
     │   └── BuildTimeout            the build ran past the worker's time limit and was stopped
+    │       └── BuildIdleTimeout    the build printed nothing for PFBUILD_IDLE_TIMEOUT seconds
     ├── LockLost                    a worker lost its profile lock mid-build and stopped
     ├── LockWaitExceeded            the profile stayed locked by another job for too long
     ├── DeliveriesExhausted         the job's worker died on every delivery; given up
@@ -34,6 +38,7 @@ __all__ = [
     "BadRequest",
     "BaseImageFailed",
     "BuildFailed",
+    "BuildIdleTimeout",
     "BuildTimeout",
     "DeliveriesExhausted",
     "EngineError",
@@ -41,8 +46,10 @@ __all__ = [
     "ExitCode",
     "ImageLoadFailed",
     "InternalError",
+    "InvalidJson",
     "JobCancelled",
     "JobTimeout",
+    "LimitExceeded",
     "LockLost",
     "LockWaitExceeded",
     "PfbuildError",
@@ -50,6 +57,7 @@ __all__ = [
     "QueueUnavailable",
     "StorageError",
     "TarballRejected",
+    "UnsafePath",
 ]
 
 
@@ -138,6 +146,24 @@ class ProfileRefused(BadRequest):
     type = "profile_refused"
 
 
+class InvalidJson(BadRequest):
+    """Not strict JSON: bad UTF-8, a lone surrogate, NaN, a duplicate key, too deep."""
+
+    type = "invalid_json"
+
+
+class LimitExceeded(BadRequest):
+    """A size, length or count is over a limit in ``Settings``; ``details`` names the setting."""
+
+    type = "limit_exceeded"
+
+
+class UnsafePath(BadRequest):
+    """A path holds NUL or loops, or names something other than a regular file or folder."""
+
+    type = "unsafe_path"
+
+
 class EngineError(PfbuildError):
     """The Docker engine failed outside of a build step (save, load, inspect)."""
 
@@ -196,6 +222,12 @@ class BuildTimeout(BuildFailed):
     """The build ran past the worker's soft time limit; it was stopped and its lock freed."""
 
     type = "build_timeout"
+
+
+class BuildIdleTimeout(BuildTimeout):
+    """The build printed nothing for ``PFBUILD_IDLE_TIMEOUT`` seconds; it was stopped."""
+
+    type = "build_idle_timeout"
 
 
 class LockWaitExceeded(PfbuildError):

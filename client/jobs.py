@@ -150,7 +150,9 @@ class BuildJob:
         key = Keys.done(self.id)
         try:
             # moving the one element from the list to itself wakes every waiter in turn
-            self.client.redis.blmove(key, key, max(seconds, 0.01), "LEFT", "RIGHT")
+            # Redis takes fractional seconds here (since 6.0); redis-py's stub says int
+            timeout: Any = max(seconds, 0.01)
+            self.client.redis.blmove(key, key, timeout, "LEFT", "RIGHT")
         except redis.ResponseError:  # a server without BLMOVE: plain polling
             time.sleep(min(seconds, 0.05))
         except redis.RedisError as exc:
@@ -237,19 +239,18 @@ class BuildClient:
         return BuildJob(self, job_id)
 
     def _prepare(self, request: BuildRequest | dict[str, Any]) -> tuple[BuildRequest, str]:
-        req = validate_request(request)
+        req = validate_request(request, self.settings)
         if req.profile_path is not None:
             # read here, so that workers on other hosts need no access to the file
-            req = req.model_copy(
-                update={"profile": load_profile_file(req.profile_path), "profile_path": None}
-            )
+            profile = load_profile_file(req.profile_path, self.settings)
+            req = req.model_copy(update={"profile": profile, "profile_path": None})
         # paths mean what they mean here, not in a worker's working directory
         update: dict[str, Any] = {"repo_dir": os.path.abspath(req.repo_dir)}
         if req.image_cache_dir:
             update["image_cache_dir"] = os.path.abspath(req.image_cache_dir)
         req = req.model_copy(update=update)
         assert req.profile is not None
-        return req, parse_profile(req.profile).profile_id
+        return req, parse_profile(req.profile, settings=self.settings).profile_id
 
     def submit(self, request: BuildRequest | dict[str, Any]) -> BuildJob:
         """Enqueue one request, or join the job already building its profile."""

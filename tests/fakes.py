@@ -12,6 +12,7 @@ from typing import IO
 
 from pfbuild.client.errors import ImageLoadFailed
 from pfbuild.client.models import BuildAnswer, BuildRequest
+from pfbuild.client.profile import validate_request
 from pfbuild.client.settings import Settings
 from pfbuild.worker.engine import BuildOutcome, Engine, ImageInfo
 from pfbuild.worker.pipeline import run_build
@@ -34,6 +35,7 @@ def image_tar(tag: str, payload: bytes, labels: dict[str, str] | None = None) ->
 def run_request(request: BuildRequest, settings: Settings, engine: Engine,
                 **kw: object) -> BuildAnswer:
     """Resolve ``request`` and run the pipeline on it, as ``pfbuild build`` does."""
+    request = validate_request(request, settings)  # as every door does on entry
     return run_build(resolve_request(request, settings), settings, engine, **kw)  # type: ignore[arg-type]
 
 
@@ -57,7 +59,8 @@ class FakeEngine:
 
     def build(self, context: IO[bytes], *, tag: str, dockerfile: str, cache_from: list[str],
               nocache: bool, labels: dict[str, str],
-              on_line: Callable[[str], None]) -> BuildOutcome:
+              on_line: Callable[[str], None],
+              idle_timeout: float | None = None) -> BuildOutcome:
         with tarfile.open(fileobj=context, mode="r|") as tar:
             members = {}
             for m in tar:
@@ -69,6 +72,7 @@ class FakeEngine:
             name.encode() + b"\0" + hashlib.sha256(data).digest()
             for name, data in sorted(members.items()) if name != dockerfile)).hexdigest()
         self.builds.append({"tag": tag, "dockerfile": text, "nocache": nocache,
+                            "idle_timeout": idle_timeout,
                             "cache_from": cache_from, "members": sorted(members),
                             "sources": sources})
         for line in self.build_log(text):

@@ -16,6 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from pfbuild.client.errors import BadRequest
+from pfbuild.client.inputs import JsonLimits, loads_strict, read_bounded
+
 __all__ = [
     "HashingWriter",
     "atomic_file",
@@ -25,6 +28,11 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+# A state file pfbuild writes in a repository (unsupported_registry.json) is read back at
+# most this large; a bigger one is replaced (it holds one small entry per profile+class).
+STATE_FILE_MAX_BYTES = 16 * 1024 * 1024
+_STATE_JSON = JsonLimits(max_bytes=STATE_FILE_MAX_BYTES, max_depth=16, max_number_digits=40)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -104,9 +112,17 @@ def locked_json_update(path: str | Path, update: Callable[[dict[str, Any]], T]) 
     target.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(target.with_name(target.name + ".lock")):
         try:
-            data = json.loads(target.read_text(encoding="utf-8")) if target.exists() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            data = {}  # a hand-damaged file is replaced rather than blocking every build
+            # never through a symlink (it could point at any JSON file on the worker, whose
+            # content would be merged in and written back), never a FIFO, never unbounded
+            raw = read_bounded(
+                target,
+                what="state file",
+                limit=STATE_FILE_MAX_BYTES,
+                follow_symlinks=False,
+            )
+            data = loads_strict(raw, what=str(target), limits=_STATE_JSON)
+        except BadRequest:
+            data = {}  # missing, damaged or planted: replaced rather than blocking every build
         if not isinstance(data, dict):
             data = {}
         result = update(data)

@@ -36,6 +36,7 @@ from pfbuild.worker.layout import EXCLUDED_FROM_CONTEXT
 from pfbuild.worker.localfarm import RedisServer, Worker
 from pfbuild.worker.pipeline import run_build
 from pfbuild.worker.resolve import resolve_request
+from pfbuild.worker.trust import TrustStore
 
 __all__ = ["digest_bench", "queue_bench", "tarball_bench"]
 
@@ -70,6 +71,7 @@ def _tarball_round(settings: Settings, tag: str, work: Path) -> Row:
     """One round: save and load with the docker CLI and with pfbuild, side by side."""
     # each child opens its own connection: sockets do not survive a fork cleanly
     plain, zst = work / "plain.tar", work / "bench.tar.zst"
+    trust = TrustStore(work / "trust")
     engine = engine_from_settings(settings)
     cli_save, _ = _measure(
         lambda: subprocess.run(["docker", "save", "-o", str(plain), tag], check=True)
@@ -82,6 +84,7 @@ def _tarball_round(settings: Settings, tag: str, work: Path) -> Row:
             "bench",
             level=settings.zstd_level,
             threads=settings.zstd_threads,
+            trust=trust,
         )
     )
     engine.remove(tag)
@@ -92,7 +95,7 @@ def _tarball_round(settings: Settings, tag: str, work: Path) -> Row:
     )
     engine.remove(tag)
     ours_load, load_rss = _measure(
-        lambda: cache.load_tarball(engine_from_settings(settings), zst, tag)
+        lambda: cache.load_tarball(engine_from_settings(settings), zst, tag, trust=trust)
     )
     if engine.inspect(tag) is None:
         raise SystemExit("the benchmark's load did not restore the image")

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pfbuild.client.cli import Extensions, emit, fail, parse_request, settings_of
+from pfbuild.client.cli import Extensions, emit, fail, parse_request, read_stdin, settings_of
 from pfbuild.client.errors import PfbuildError
 from pfbuild.client.models import JobState
 from pfbuild.worker.run import Progress, no_progress
@@ -49,7 +49,7 @@ def build(ctx: typer.Context) -> None:
 
     settings = settings_of(ctx)
     try:
-        resolved = resolve_request(parse_request(sys.stdin.read()), settings)
+        resolved = resolve_request(parse_request(read_stdin(settings), settings), settings)
         answer = run_build(
             resolved, settings, engine_from_settings(settings), progress=_progress_printer()
         )

@@ -23,6 +23,7 @@ from typing import IO
 
 from docker.utils.build import exclude_paths
 
+from pfbuild.client.inputs import read_bounded
 from pfbuild.worker.layout import EXCLUDED_FROM_CONTEXT
 
 __all__ = ["DOCKERFILE_IN_CONTEXT", "BuildContext", "ContextScan", "make_context", "scan_context"]
@@ -36,6 +37,7 @@ DOCKERFILE_IN_CONTEXT = ".pfbuild.Dockerfile"
 FIXED_MTIME = 946684800
 _SPOOL_BYTES = 16 * 1024 * 1024
 _CHUNK = 1024 * 1024
+DOCKERIGNORE_MAX_BYTES = 256 * 1024
 
 
 class BuildContext:
@@ -101,9 +103,13 @@ _INDEX = _StatIndex()
 
 def _read_dockerignore(root: Path) -> list[str]:
     path = root / ".dockerignore"
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         return []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    # the repository's file: a regular one, not a link, a FIFO or a device, and not huge
+    raw = read_bounded(
+        path, what=".dockerignore", limit=DOCKERIGNORE_MAX_BYTES, follow_symlinks=False
+    )
+    lines = raw.decode("utf-8", errors="replace").splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 

@@ -16,8 +16,14 @@ from typing import IO, Any, Protocol
 import docker
 import docker.errors
 import requests.exceptions
+import urllib3.exceptions
 
-from pfbuild.client.errors import EngineError, EngineUnavailable, ImageLoadFailed
+from pfbuild.client.errors import (
+    BuildIdleTimeout,
+    EngineError,
+    EngineUnavailable,
+    ImageLoadFailed,
+)
 from pfbuild.client.settings import Settings
 
 __all__ = [
@@ -30,6 +36,9 @@ __all__ = [
 ]
 
 _STEP_RE = re.compile(r"^Step (\d+)/(\d+) :")
+# A log line longer than this is cut into pieces as it arrives: a build printing megabytes
+# without a newline costs neither quadratic time nor unbounded memory.
+MAX_LOG_LINE = 16 * 1024
 
 
 def parse_step(line: str) -> tuple[int, int] | None:
@@ -77,8 +86,13 @@ class Engine(Protocol):
         nocache: bool,
         labels: dict[str, str],
         on_line: Callable[[str], None],
+        idle_timeout: float | None = None,
     ) -> BuildOutcome:
-        """Build ``context``; every log line goes to ``on_line`` as it arrives."""
+        """Build ``context``; every log line goes to ``on_line`` as it arrives.
+
+        A build that sends nothing for ``idle_timeout`` seconds is stopped and raises
+        :class:`BuildIdleTimeout`; None waits as long as it takes.
+        """
 
     def save(self, tag: str) -> Iterator[bytes]:
         """Stream ``tag`` out as an (uncompressed) image tarball."""
@@ -93,6 +107,42 @@ class Engine(Protocol):
 
 
 _UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+
+
+class _Lines:
+    """Engine output cut into lines for ``on_line``; a line without end is cut at
+    ``MAX_LOG_LINE``, never hoarded."""
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self.on_line = on_line
+        self.pending = ""
+
+    def feed(self, chunk: str) -> None:
+        self.pending += chunk
+        if "\n" in chunk:
+            *lines, self.pending = self.pending.split("\n")
+            for line in lines:
+                self.on_line(line[:MAX_LOG_LINE])
+        while len(self.pending) > MAX_LOG_LINE:
+            self.on_line(self.pending[:MAX_LOG_LINE])
+            self.pending = self.pending[MAX_LOG_LINE:]
+
+    def flush(self) -> None:
+        if self.pending:
+            self.on_line(self.pending)
+            self.pending = ""
+
+
+def _follow(stream: Iterable[dict[str, Any]], lines: _Lines) -> str | None:
+    """Feed a build's decoded stream to ``lines``; the engine's error, if it sent one."""
+    error: str | None = None
+    for item in stream:
+        if "stream" in item:
+            lines.feed(str(item["stream"]))
+        elif "error" in item:
+            error = str(item["error"]).strip()
+            lines.on_line(f"ERROR: {error}")
+    return error
 
 
 class DockerEngine:
@@ -140,8 +190,9 @@ class DockerEngine:
         nocache: bool,
         labels: dict[str, str],
         on_line: Callable[[str], None],
+        idle_timeout: float | None = None,
     ) -> BuildOutcome:
-        pending = ""
+        lines = _Lines(on_line)
         error: str | None = None
         try:
             stream = self.api.build(
@@ -155,16 +206,14 @@ class DockerEngine:
                 rm=True,
                 forcerm=True,
                 decode=True,
+                # each read of the stream waits at most this long: the engine stops the
+                # build when the connection closes, so a silent build ends here
+                timeout=idle_timeout,
             )
-            for item in stream:
-                if "stream" in item:
-                    pending += str(item["stream"])
-                    *lines, pending = pending.split("\n")
-                    for line in lines:
-                        on_line(line)
-                elif "error" in item:
-                    error = str(item["error"]).strip()
-                    on_line(f"ERROR: {error}")
+            error = _follow(stream, lines)
+        except (urllib3.exceptions.ReadTimeoutError, requests.exceptions.ReadTimeout) as exc:
+            lines.flush()
+            raise self._silent(idle_timeout, exc) from None
         except _UNREACHABLE as exc:
             raise EngineUnavailable(
                 f"Docker engine at {self.host} failed mid-build: {exc}"
@@ -172,14 +221,28 @@ class DockerEngine:
         except docker.errors.APIError as exc:
             error = f"engine refused the build: {exc.explanation or exc}"
             on_line(f"ERROR: {error}")
-        if pending:
-            on_line(pending)
+        lines.flush()
         if error is not None:
             return BuildOutcome(image=None, error=error)
         built = self.inspect(tag)
         if built is None:
             return BuildOutcome(None, "the engine reported success but the image tag is missing")
         return BuildOutcome(image=built, error=None)
+
+    def _silent(
+        self, idle_timeout: float | None, exc: Exception
+    ) -> EngineUnavailable | BuildIdleTimeout:
+        """The error for a build stream that stopped talking: the engine's, or the build's."""
+        if idle_timeout is None or not self.ping():
+            return EngineUnavailable(
+                f"Docker engine at {self.host} stopped answering mid-build: {exc}"
+            )
+        return BuildIdleTimeout(
+            f"the build printed nothing for {idle_timeout:g}s and was stopped "
+            "(an install command waiting for input or a hung download?); "
+            "raise PFBUILD_IDLE_TIMEOUT if it is just slow and quiet",
+            details={"idle_timeout": idle_timeout},
+        )
 
     def save(self, tag: str) -> Iterator[bytes]:
         try:

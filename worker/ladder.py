@@ -175,6 +175,7 @@ def _one_build(
                 LABEL_CONTEXT: run.scan().digest,
             },
             on_line=on_line,
+            idle_timeout=run.settings.idle_timeout or None,
         )
     finally:
         context.close()

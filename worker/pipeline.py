@@ -199,7 +199,7 @@ def _load_tarball(run: BuildRun) -> Image | None:
         return None
     with run.stage(JobState.LOADING_TARBALL):
         try:
-            tarball, info = cache.load_tarball(run.engine, found, run.tag)
+            tarball, info = cache.load_tarball(run.engine, found, run.tag, trust=run.trust)
         except TarballRejected as exc:
             run.events.append(
                 f"tarball {found} rejected ({exc.message}); moved to {exc.moved_to}; "
@@ -228,6 +228,7 @@ def _publish(run: BuildRun, image: Image) -> Image:
             run.resolved.profile_id,
             level=run.settings.zstd_level,
             threads=run.settings.zstd_threads,
+            trust=run.trust,
             guard=run.guard,
         )
     return Image(image.info, image.source, image.variant, tarball)

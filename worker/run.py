@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pfbuild.client.errors import BadRequest
+from pfbuild.client.inputs import read_bounded
 from pfbuild.client.models import Attempt, JobState, Timings
 from pfbuild.client.settings import Settings
 from pfbuild.worker import layout
@@ -22,6 +24,7 @@ from pfbuild.worker.context import ContextScan, scan_context
 from pfbuild.worker.engine import Engine, ImageInfo
 from pfbuild.worker.render import Variant, dockerfile_name, render
 from pfbuild.worker.resolve import ResolvedRequest
+from pfbuild.worker.trust import TrustStore
 
 __all__ = ["BuildRun", "Progress", "no_progress"]
 
@@ -63,6 +66,11 @@ class BuildRun:
         return self.settings.base_image(self.resolved.profile.python_version)
 
     @property
+    def trust(self) -> TrustStore:
+        """The worker's records of the tarballs it saved (what the cache trusts)."""
+        return TrustStore(self.settings.trust_dir())
+
+    @property
     def log_path(self) -> Path:
         return self.resolved.artifacts / layout.BUILD_LOG
 
@@ -97,6 +105,14 @@ class BuildRun:
             self._rendered[variant] = text
             # deterministic text: on a cache hit the file is already right, and an
             # fsync'd rewrite would be the costliest step of the hit
-            if not (path.is_file() and path.read_bytes() == text.encode("utf-8")):
+            if not _holds(path, text.encode("utf-8")):
                 atomic_write_text(path, text)
         return path, self._rendered[variant]
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether ``path`` is a regular file (not a link) holding exactly ``data``."""
+    try:
+        return read_bounded(path, what=path.name, limit=len(data), follow_symlinks=False) == data
+    except BadRequest:  # missing, a link, a FIFO, longer: rewrite it
+        return False

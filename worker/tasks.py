@@ -118,7 +118,7 @@ class _Job:
 
     def resolve(self) -> ResolvedRequest:
         """Validate and resolve the request once; the pipeline takes it from here."""
-        req = validate_request(self.kwargs["request"])
+        req = validate_request(self.kwargs["request"], self.settings)
         relative = [p for p in (req.repo_dir, req.image_cache_dir) if p and not os.path.isabs(p)]
         if relative:
             raise BadRequest(f"paths sent to a worker must be absolute: {relative}")

@@ -110,7 +110,9 @@ def test_concurrent_submits_of_two_repositories_get_two_correct_answers(
         farm: str, tmp_path: Path, cleanup_images: list[str]) -> None:
     profile = _profile()
     repos = {m: _repo(tmp_path, m.replace(" ", "-"), m) for m in ("code of A", "code of B")}
-    requests = [{"repo_dir": str(repo), "profile": profile} for repo in repos.values()] * 3
+    requests: list[dict[str, Any]] = [
+        {"repo_dir": str(repo), "profile": profile} for repo in repos.values()
+    ] * 3
     with BuildClient(farm) as client, ThreadPoolExecutor(6) as pool:
         jobs = list(pool.map(client.submit, requests))
         assert len({j.id for j in jobs}) == 2  # one flight per repository, not per profile
