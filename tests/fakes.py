@@ -14,7 +14,7 @@ from pfbuild.client.errors import ImageLoadFailed
 from pfbuild.client.models import BuildAnswer, BuildRequest
 from pfbuild.client.profile import validate_request
 from pfbuild.client.settings import Settings
-from pfbuild.worker.engine import BuildOutcome, Engine, ImageInfo
+from pfbuild.worker.engine import BuildOutcome, BuildSpec, Engine, ImageInfo
 from pfbuild.worker.pipeline import run_build
 from pfbuild.worker.resolve import resolve_request
 
@@ -57,10 +57,9 @@ class FakeEngine:
     def inspect(self, tag: str) -> ImageInfo | None:
         return self.images.get(tag)
 
-    def build(self, context: IO[bytes], *, tag: str, dockerfile: str, cache_from: list[str],
-              nocache: bool, labels: dict[str, str],
-              on_line: Callable[[str], None],
-              idle_timeout: float | None = None) -> BuildOutcome:
+    def build(self, context: IO[bytes], spec: BuildSpec,
+              on_line: Callable[[str], None]) -> BuildOutcome:
+        tag, dockerfile, labels = spec.tag, spec.dockerfile, spec.labels
         with tarfile.open(fileobj=context, mode="r|") as tar:
             members = {}
             for m in tar:
@@ -71,9 +70,9 @@ class FakeEngine:
         sources = hashlib.sha256(b"".join(
             name.encode() + b"\0" + hashlib.sha256(data).digest()
             for name, data in sorted(members.items()) if name != dockerfile)).hexdigest()
-        self.builds.append({"tag": tag, "dockerfile": text, "nocache": nocache,
-                            "idle_timeout": idle_timeout,
-                            "cache_from": cache_from, "members": sorted(members),
+        self.builds.append({"tag": tag, "dockerfile": text, "nocache": spec.nocache,
+                            "idle_timeout": spec.idle_timeout,
+                            "cache_from": spec.cache_from, "members": sorted(members),
                             "sources": sources})
         for line in self.build_log(text):
             on_line(line)

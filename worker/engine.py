@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
 import docker
@@ -28,6 +28,7 @@ from pfbuild.client.settings import Settings
 
 __all__ = [
     "BuildOutcome",
+    "BuildSpec",
     "DockerEngine",
     "Engine",
     "ImageInfo",
@@ -51,6 +52,18 @@ def parse_step(line: str) -> tuple[int, int] | None:
 class ImageInfo:
     id: str
     labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """What to build: the tag, the Dockerfile's name inside the context, and how."""
+
+    tag: str
+    dockerfile: str
+    cache_from: list[str] = field(default_factory=list)
+    nocache: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    idle_timeout: float | None = None  # seconds of silence before the build is stopped
 
 
 @dataclass
@@ -77,22 +90,11 @@ class Engine(Protocol):
         """The image behind ``tag``, or None when this engine does not hold it."""
 
     def build(
-        self,
-        context: IO[bytes],
-        *,
-        tag: str,
-        dockerfile: str,
-        cache_from: list[str],
-        nocache: bool,
-        labels: dict[str, str],
-        on_line: Callable[[str], None],
-        idle_timeout: float | None = None,
+        self, context: IO[bytes], spec: BuildSpec, on_line: Callable[[str], None]
     ) -> BuildOutcome:
-        """Build ``context``; every log line goes to ``on_line`` as it arrives.
-
-        A build that sends nothing for ``idle_timeout`` seconds is stopped and raises
-        :class:`BuildIdleTimeout`; None waits as long as it takes.
-        """
+        """Build ``context`` as ``spec`` says; every log line goes to ``on_line`` as it
+        arrives. A build silent for ``spec.idle_timeout`` seconds is stopped and raises
+        :class:`BuildIdleTimeout`."""
 
     def save(self, tag: str) -> Iterator[bytes]:
         """Stream ``tag`` out as an (uncompressed) image tarball."""
@@ -181,16 +183,7 @@ class DockerEngine:
         return ImageInfo(id=str(info["Id"]), labels={str(k): str(v) for k, v in labels.items()})
 
     def build(
-        self,
-        context: IO[bytes],
-        *,
-        tag: str,
-        dockerfile: str,
-        cache_from: list[str],
-        nocache: bool,
-        labels: dict[str, str],
-        on_line: Callable[[str], None],
-        idle_timeout: float | None = None,
+        self, context: IO[bytes], spec: BuildSpec, on_line: Callable[[str], None]
     ) -> BuildOutcome:
         lines = _Lines(on_line)
         error: str | None = None
@@ -198,22 +191,22 @@ class DockerEngine:
             stream = self.api.build(
                 fileobj=context,
                 custom_context=True,
-                tag=tag,
-                dockerfile=dockerfile,
-                cache_from=cache_from or None,
-                nocache=nocache,
-                labels=labels,
+                tag=spec.tag,
+                dockerfile=spec.dockerfile,
+                cache_from=spec.cache_from or None,
+                nocache=spec.nocache,
+                labels=spec.labels,
                 rm=True,
                 forcerm=True,
                 decode=True,
                 # each read of the stream waits at most this long: the engine stops the
                 # build when the connection closes, so a silent build ends here
-                timeout=idle_timeout,
+                timeout=spec.idle_timeout,
             )
             error = _follow(stream, lines)
         except (urllib3.exceptions.ReadTimeoutError, requests.exceptions.ReadTimeout) as exc:
             lines.flush()
-            raise self._silent(idle_timeout, exc) from None
+            raise self._silent(spec.idle_timeout, exc) from None
         except _UNREACHABLE as exc:
             raise EngineUnavailable(
                 f"Docker engine at {self.host} failed mid-build: {exc}"
@@ -224,7 +217,7 @@ class DockerEngine:
         lines.flush()
         if error is not None:
             return BuildOutcome(image=None, error=error)
-        built = self.inspect(tag)
+        built = self.inspect(spec.tag)
         if built is None:
             return BuildOutcome(None, "the engine reported success but the image tag is missing")
         return BuildOutcome(image=built, error=None)

@@ -19,7 +19,7 @@ from pfbuild.client.models import Attempt, FailureInfo, JobState
 from pfbuild.worker import failures, layout
 from pfbuild.worker.artifacts import atomic_file
 from pfbuild.worker.context import DOCKERFILE_IN_CONTEXT, make_context
-from pfbuild.worker.engine import BuildOutcome, ImageInfo, parse_step
+from pfbuild.worker.engine import BuildOutcome, BuildSpec, ImageInfo, parse_step
 from pfbuild.worker.render import VARIANTS, Variant
 from pfbuild.worker.run import BuildRun
 
@@ -160,8 +160,7 @@ def _one_build(
     _, text = run.dockerfile(variant)
     context = make_context(run.scan(), text)
     try:
-        return run.engine.build(
-            context.fileobj,
+        spec = BuildSpec(
             tag=run.tag,
             dockerfile=DOCKERFILE_IN_CONTEXT,
             # The classic builder trusts *only* the cache_from images when the list is not
@@ -174,8 +173,8 @@ def _one_build(
                 LABEL_DOCKERFILE: hashlib.sha256(text.encode()).hexdigest(),
                 LABEL_CONTEXT: run.scan().digest,
             },
-            on_line=on_line,
             idle_timeout=run.settings.idle_timeout or None,
         )
+        return run.engine.build(context.fileobj, spec, on_line)
     finally:
         context.close()

@@ -23,6 +23,7 @@ import pytest
 from pfbuild.client.errors import BadRequest, BuildFailed, ExitCode, PfbuildError
 from pfbuild.client.models import BuildRequest, ErrorInfo
 from pfbuild.client.settings import Settings
+from pfbuild.worker.engine import BuildSpec
 from tests.fakes import FakeEngine, image_tar
 
 PROFILE: dict[str, Any] = {"install_cmds": ["pip install ."], "env": {"A": "1"}}
@@ -409,8 +410,7 @@ def test_a_log_line_without_end_is_cut_as_it_arrives() -> None:
     engine.host, engine.api = "fake", API()
     lines: list[str] = []
     started = time.perf_counter()
-    outcome = engine.build(io.BytesIO(), tag="t", dockerfile="D", cache_from=[], nocache=False,
-                           labels={}, on_line=lines.append)
+    outcome = engine.build(io.BytesIO(), BuildSpec(tag="t", dockerfile="D"), lines.append)
     assert not outcome.ok and time.perf_counter() - started < 5
     assert max(len(line) for line in lines) <= MAX_LOG_LINE
     assert sum(len(line) for line in lines if line.startswith("x")) == 4096 * 1024
@@ -470,8 +470,8 @@ def test_a_silent_build_is_stopped_after_the_idle_timeout(docker_engine) -> None
     started = time.monotonic()
     try:
         with pytest.raises(BuildIdleTimeout, match="printed nothing for 3s"):
-            docker_engine.build(buf, tag=tag, dockerfile="Dockerfile", cache_from=[],
-                                nocache=True, labels={}, on_line=lines.append, idle_timeout=3)
+            spec = BuildSpec(tag=tag, dockerfile="Dockerfile", nocache=True, idle_timeout=3)
+            docker_engine.build(buf, spec, lines.append)
         assert time.monotonic() - started < 60
         assert marker in lines
         time.sleep(2)  # the engine stops the build when the connection closes

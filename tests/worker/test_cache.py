@@ -9,6 +9,7 @@ import pytest
 
 from pfbuild.client.errors import TarballRejected
 from pfbuild.worker import cache
+from pfbuild.worker.engine import BuildSpec
 from pfbuild.worker.trust import TrustStore
 from tests.fakes import FakeEngine, image_tar
 
@@ -164,8 +165,7 @@ def test_real_engine_cold_round_trip(docker_engine, tmp_path: Path, cleanup_imag
         tar.addfile(info, io.BytesIO(dockerfile.encode()))
     buf.seek(0)
     lines: list[str] = []
-    out = docker_engine.build(buf, tag=tag, dockerfile="Dockerfile", cache_from=[],
-                              nocache=False, labels={}, on_line=lines.append)
+    out = docker_engine.build(buf, BuildSpec(tag=tag, dockerfile="Dockerfile"), lines.append)
     assert out.ok, lines[-5:]
     trust = _trust(tmp_path)
     saved = cache.save_tarball(
