@@ -3,13 +3,13 @@ checks the context digest, and single flight never joins two repositories."""
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import docker
 import pytest
 
 from pfbuild.client.jobs import BuildClient
@@ -37,9 +37,10 @@ def _repo(root: Path, name: str, marker: str) -> Path:
 
 
 def _marker_in(image_id: str) -> str:
-    out = docker.from_env().containers.run(image_id, ["cat", "/workspace/marker.txt"],
-                                           remove=True)
-    return bytes(out).decode()
+    # attached, as `docker run` does: the engine's log copy may lag a container's exit
+    proc = subprocess.run(["docker", "run", "--rm", image_id, "cat", "/workspace/marker.txt"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    return proc.stdout
 
 
 def _build(repo: Path, profile: dict[str, Any], settings: Settings, engine: Any,

@@ -173,8 +173,8 @@ def test_real_engine_cold_round_trip(docker_engine, tmp_path: Path, cleanup_imag
     )
     docker_engine.remove(tag)
     assert docker_engine.inspect(tag) is None
-    image_id = out.image_id
-    assert image_id is not None
+    assert out.image is not None
+    image_id = out.image.id
     loaded, _ = cache.load_tarball(docker_engine, Path(saved.path), tag, trust=trust)
     again = docker_engine.inspect(tag)
     assert again is not None and again.id == image_id
