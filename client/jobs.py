@@ -288,6 +288,10 @@ class BuildClient:
                     "flight": key,
                 },
                 task_id=job_id,
+                # what `celery inspect` shows of the job; a repr of the whole request would
+                # cost more than the rest of the send
+                argsrepr="()",
+                kwargsrepr=f"{{profile_id: {profile_id}, repo_dir: {req.repo_dir}}}",
             )
         except Exception as exc:
             end_flight(self.redis, key, job_id)  # nobody may join a job never sent

@@ -101,13 +101,19 @@ def end_flight(client: redis.Redis, flight_key: str, job_id: str) -> bool:
     return bool(client.eval(_DELETE_IF_VALUE, 1, flight_key, job_id))
 
 
-def signal_done(client: redis.Redis, job_id: str, ttl: int) -> None:
-    """Wake whoever waits for ``job_id``: its result (or revocation) is stored."""
-    pipe = client.pipeline(transaction=False)
-    pipe.rpush(Keys.done(job_id), 1)
-    pipe.ltrim(Keys.done(job_id), 0, 0)
-    pipe.expire(Keys.done(job_id), ttl)
-    pipe.execute()
+_SIGNAL_DONE = """
+if KEYS[1] ~= '' and redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
+redis.call('rpush', KEYS[2], 1)
+redis.call('ltrim', KEYS[2], 0, 0)
+redis.call('expire', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+def signal_done(client: redis.Redis, job_id: str, ttl: int, flight_key: str | None = None) -> None:
+    """Wake whoever waits for ``job_id``: its result (or revocation) is stored. Ends its
+    flight too, if given and still its own: one round trip at the end of every job."""
+    client.eval(_SIGNAL_DONE, 2, flight_key or "", Keys.done(job_id), job_id, ttl)
 
 
 class PollingRedisBackend(RedisBackend):  # type: ignore[misc]

@@ -208,11 +208,12 @@ def register(
         ) -> None:
             # The result is stored by now: end the flight, so that the next submit of this
             # profile starts afresh (after a failure) or finds the cache.
-            flight = (kwargs or {}).get("flight")
-            if isinstance(flight, str):
-                end_flight(proc.redis, flight, task_id)
+            # A job waiting for its lock (RETRY) or handed back (REJECTED) lives on, and so
+            # does its flight; an ended one wakes its waiters and ends its flight.
             if status in READY_STATES:
-                signal_done(proc.redis, task_id, settings.result_expires)
+                flight = (kwargs or {}).get("flight")
+                flight_key = flight if isinstance(flight, str) else None
+                signal_done(proc.redis, task_id, settings.result_expires, flight_key)
 
     @app.task(name=PING_TASK, shared=False)  # type: ignore[untyped-decorator]
     def ping() -> str:
