@@ -119,19 +119,26 @@ def _read_request(
 
 
 def _watch(job: BuildJob, timeout: float | None, show: bool) -> BuildAnswer:
-    """Wait for ``job``, showing stage and build step on a terminal as they change."""
+    """Wait for ``job``, showing stage and build step on a terminal as they change.
+
+    Bounded like ``result()``: ``timeout`` defaults to ``Settings.wait_timeout``, and a job
+    that no longer exists raises JobLost."""
     if not show:
         return job.result(timeout)
     from rich.console import Console
 
-    deadline = None if timeout is None else time.monotonic() + timeout
+    limit = job.client.settings.wait_timeout if timeout is None else timeout
+    deadline = time.monotonic() + limit
     with Console(stderr=True).status(f"job {job.id}: queued") as spinner:
         while True:
+            answer = job.poll()
+            if answer is not None:
+                return answer
             st = job.status()
             step = f" step {st.step}/{st.steps}" if st.step else ""
             line = (st.line or "").strip()[:90]
             spinner.update(f"job {job.id}: [bold]{st.stage}[/bold]{step} {line}")
-            if st.ready or (deadline is not None and time.monotonic() > deadline):
+            if time.monotonic() > deadline:
                 return job.result(timeout=0)
             time.sleep(0.3)
 

@@ -21,6 +21,7 @@
     ├── InternalError               a bug in pfbuild; the message names the exception
     ├── QueueUnavailable            the broker / result backend cannot be reached
     ├── JobTimeout                  waiting for a job took longer than asked
+    ├── JobLost                     the job no longer exists: never sent, or wiped with Redis
     └── JobCancelled                the job was revoked before it finished
 
 Each error turns into an :class:`~pfbuild.client.models.ErrorInfo` (``to_info``) to cross a
@@ -48,6 +49,7 @@ __all__ = [
     "InternalError",
     "InvalidJson",
     "JobCancelled",
+    "JobLost",
     "JobTimeout",
     "LimitExceeded",
     "LockLost",
@@ -72,6 +74,7 @@ class ExitCode:
     QUEUE_UNAVAILABLE = 5
     TIMEOUT = 6
     CANCELLED = 7
+    LOST = 8
 
 
 class PfbuildError(Exception):
@@ -260,6 +263,13 @@ class JobTimeout(PfbuildError):
 
     type = "timeout"
     exit_code = ExitCode.TIMEOUT
+
+
+class JobLost(PfbuildError):
+    """The job no longer exists (never sent, or its record was lost with Redis): submit again."""
+
+    type = "job_lost"
+    exit_code = ExitCode.LOST
 
 
 class JobCancelled(PfbuildError):

@@ -3,7 +3,7 @@
     client = BuildClient()                      # PFBUILD_REDIS_URL, or redis_url=...
     job = client.submit({"repo_dir": ..., "profile_path": ...})
     job.status()                                # state, stage, step i/n, last log line
-    answer = job.result(timeout=600)            # BuildAnswer, or raises BuildFailed & co
+    answer = job.result(timeout=600)            # BuildAnswer, or raises BuildFailed, JobLost…
     for line in job.logs(follow=True): ...
     answer = await job                          # the asyncio twin of result()
 
@@ -15,6 +15,7 @@ poll of a Redis key; nothing subscribes to a channel per job (celery#5320).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -28,6 +29,7 @@ from pydantic import BaseModel
 from pfbuild.client.errors import (
     InternalError,
     JobCancelled,
+    JobLost,
     JobTimeout,
     PfbuildError,
     QueueUnavailable,
@@ -37,9 +39,11 @@ from pfbuild.client.profile import load_profile_file, parse_profile, validate_re
 from pfbuild.client.queue import (
     TASK_NAME,
     Keys,
+    claim_flight,
     end_flight,
     job_state,
     make_celery,
+    mark_sent,
     signal_done,
 )
 from pfbuild.client.settings import Settings
@@ -126,28 +130,71 @@ class BuildJob:
             raise JobCancelled(f"job {self.id} was cancelled")
         return None
 
+    def poll(self) -> BuildAnswer | None:
+        """One look at the job: its answer, its error, JobLost, or None (not finished).
+
+        A job with neither an answer nor a record no longer exists (never sent, or wiped
+        with Redis). The answer is stored before a record expires, so the answer is read
+        again before the job is declared lost.
+        """
+        answer = self._outcome()
+        if answer is not None:
+            return answer
+        try:
+            exists = self.client.redis.exists(Keys.job(self.id))
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"cannot read job {self.id}: {exc}") from None
+        if exists:
+            return None
+        answer = self._outcome()
+        if answer is not None:
+            return answer
+        raise JobLost(
+            f"job {self.id} no longer exists (it was never sent, or Redis lost it): "
+            "submit the request again"
+        )
+
+    def _deadline(self, timeout: float | None) -> tuple[float, float]:
+        limit = self.client.settings.wait_timeout if timeout is None else timeout
+        return limit, time.monotonic() + limit
+
     def result(self, timeout: float | None = None, poll: float = 0.5) -> BuildAnswer:
         """Wait for the answer; re-raise the worker's structured error on failure.
 
-        Between two reads of the result it blocks (at most ``poll`` seconds) on the job's
-        done signal, which the worker pushes once the result is stored: a hit is seen the
-        moment it is stored, with no subscription per job (celery#5320) and no busy loop.
+        ``timeout`` defaults to ``Settings.wait_timeout``. A job that no longer exists
+        raises JobLost within a poll; a Redis that cannot be reached raises
+        QueueUnavailable once ``redis_outage_tolerance`` (or the timeout) has passed.
+        Between two reads it blocks (at most ``poll`` seconds) on the job's done signal,
+        which the worker pushes once the result is stored: a hit is seen the moment it is
+        stored, with no subscription per job (celery#5320) and no busy loop.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        limit, deadline = self._deadline(timeout)
+        outage: float | None = None
         while True:
-            answer = self._outcome()
-            if answer is not None:
-                return answer
-            left = poll if deadline is None else min(poll, deadline - time.monotonic())
-            if left <= 0:
-                raise JobTimeout(
-                    f"job {self.id} not finished after {timeout}s ({self.status().stage})"
-                )
-            self._await_done(left)
+            try:
+                answer = self.poll()
+                if answer is not None:
+                    return answer
+                outage = None
+                left = min(poll, deadline - time.monotonic())
+                if left <= 0:
+                    raise JobTimeout(
+                        f"job {self.id} not finished after {limit}s ({self.status().stage})"
+                    )
+                self._await_done(left)
+            except QueueUnavailable:
+                now = time.monotonic()
+                outage = now if outage is None else outage
+                tolerance = self.client.settings.redis_outage_tolerance
+                if now >= deadline or now - outage >= tolerance:
+                    raise
+                time.sleep(min(poll, max(0.0, deadline - now)))
 
     def _await_done(self, seconds: float) -> None:
         """Block until the job's done signal, or ``seconds``; the signal stays for others."""
         key = Keys.done(self.id)
+        # a blocking read shorter than the socket timeout, or the socket would time out
+        seconds = min(seconds, self.client.settings.redis_socket_timeout / 2)
         try:
             # moving the one element from the list to itself wakes every waiter in turn
             # Redis takes fractional seconds here (since 6.0); redis-py's stub says int
@@ -162,13 +209,13 @@ class BuildJob:
 
     async def result_async(self, timeout: float | None = None, poll: float = 0.5) -> BuildAnswer:
         """The asyncio twin of :meth:`result`: polls without blocking the event loop."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        limit, deadline = self._deadline(timeout)
         for delay in _backoff(poll):
-            answer = await asyncio.to_thread(self._outcome)
+            answer = await asyncio.to_thread(self.poll)
             if answer is not None:
                 return answer
-            if deadline is not None and time.monotonic() >= deadline:
-                raise JobTimeout(f"job {self.id} not finished after {timeout}s")
+            if time.monotonic() >= deadline:
+                raise JobTimeout(f"job {self.id} not finished after {limit}s")
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -222,8 +269,11 @@ class BuildClient:
                 "which runs an embedded broker and worker)"
             )
         self.url = url
-        self.app = make_celery(self.settings, url, name="pfbuild.client")
-        self.redis = redis.Redis.from_url(url)
+        timeout = self.settings.redis_socket_timeout
+        self.app = make_celery(self.settings, url, name="pfbuild.client", socket_timeout=timeout)
+        self.redis = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
 
     def close(self) -> None:
         self.redis.close()
@@ -259,18 +309,16 @@ class BuildClient:
         try:
             for _ in range(10):
                 job_id = str(uuid.uuid4())
-                if self.redis.set(key, job_id, nx=True, ex=self.settings.flight_ttl):
+                other_id = claim_flight(self.redis, key, job_id, self.settings)
+                if other_id is None:
                     self._send(req, profile_id, job_id, key)
                     return BuildJob(self, job_id, profile_id, flight_key=key)
-                existing = self.redis.get(key)
-                if existing is None:
-                    continue  # the flight just ended; try to start the next one
-                other_id = existing.decode() if isinstance(existing, bytes) else str(existing)
                 other = BuildJob(self, other_id, profile_id, joined=True, flight_key=key)
-                if other.status().ready:
-                    # a finished flight is over (its job ends it, but may have died first):
-                    # the next submit starts afresh, and finds the image if it was built
-                    end_flight(self.redis, key, other.id)
+                if not self.redis.exists(Keys.job(other_id)) or other.status().ready:
+                    # a flight whose job is gone (never sent: its submitter died before
+                    # sending; or lost with Redis) or finished (its job ends it, but may
+                    # have died first) is over: the next submit starts afresh
+                    end_flight(self.redis, key, other_id)
                     continue
                 return other
         except redis.RedisError as exc:
@@ -293,9 +341,15 @@ class BuildClient:
                 argsrepr="()",
                 kwargsrepr=f"{{profile_id: {profile_id}, repo_dir: {req.repo_dir}}}",
             )
-        except Exception as exc:
-            end_flight(self.redis, key, job_id)  # nobody may join a job never sent
+        except BaseException as exc:
+            # nobody may join a job never sent (Ctrl-C included); if this process dies
+            # before it gets here, the job's record expires after send_grace instead
+            with contextlib.suppress(redis.RedisError):
+                end_flight(self.redis, key, job_id)
+            if not isinstance(exc, Exception):
+                raise
             raise QueueUnavailable(f"cannot enqueue the build: {exc}") from None
+        mark_sent(self.redis, job_id, self.settings)
 
     def submit_many(self, requests: Iterable[BuildRequest | dict[str, Any]]) -> list[BuildJob]:
         """Submit several requests; identical profiles share one job."""

@@ -21,9 +21,11 @@ __all__ = [
     "JobState",
     "Keys",
     "PollingRedisBackend",
+    "claim_flight",
     "end_flight",
     "job_state",
     "make_celery",
+    "mark_sent",
     "signal_done",
 ]
 
@@ -86,11 +88,62 @@ class Keys:
     def done(job_id: str) -> str:
         return f"pfbuild:done:{job_id}"
 
+    @staticmethod
+    def job(job_id: str) -> str:
+        """The job's record: it exists from the moment its flight is claimed (for
+        ``send_grace`` until it is sent, then until it is answered and the answer expires).
+        No record and no answer: the job is lost (docs/design.md, "Job life")."""
+        return f"pfbuild:job:{job_id}"
+
+    @staticmethod
+    def alive(job_id: str) -> str:
+        """The heartbeat of the one delivery running the job: its token, short TTL."""
+        return f"pfbuild:alive:{job_id}"
+
 
 _DELETE_IF_VALUE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+
+
+# Claim a flight and create the job's record in one step, or name the job already flying.
+# KEYS: flight, job record; ARGV: job id, flight TTL, seconds the submitter has to send.
+_CLAIM_FLIGHT = """
+local current = redis.call('get', KEYS[1])
+if current then return current end
+redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('set', KEYS[2], 'claimed', 'PX', ARGV[3])
+return false
+"""
+
+
+def claim_flight(
+    client: redis.Redis, flight_key: str, job_id: str, settings: Settings
+) -> str | None:
+    """Make ``job_id`` the flight at ``flight_key`` and record it, atomically; or return
+    the id of the job that already holds the flight.
+
+    The record lives ``send_grace`` seconds: a submitter killed before its send leaves a
+    flight whose job record soon expires, and the next submit starts afresh.
+    """
+    current = client.eval(
+        _CLAIM_FLIGHT,
+        2,
+        flight_key,
+        Keys.job(job_id),
+        job_id,
+        settings.flight_ttl,
+        int(settings.send_grace * 1000),
+    )
+    if current is None:
+        return None
+    return current.decode() if isinstance(current, bytes) else str(current)
+
+
+def mark_sent(client: redis.Redis, job_id: str, settings: Settings) -> None:
+    """The job's message is on the queue: its record now lives as long as a flight."""
+    client.set(Keys.job(job_id), "sent", ex=settings.flight_ttl)
 
 
 def end_flight(client: redis.Redis, flight_key: str, job_id: str) -> bool:
@@ -128,8 +181,17 @@ class PollingRedisBackend(RedisBackend):  # type: ignore[misc]
         pass
 
 
-def make_celery(settings: Settings, redis_url: str, *, name: str = "pfbuild") -> Celery:
-    """The part of the Celery app both sides share: Redis broker and backend, JSON only."""
+def make_celery(
+    settings: Settings,
+    redis_url: str,
+    *,
+    name: str = "pfbuild",
+    socket_timeout: float | None = None,
+) -> Celery:
+    """The part of the Celery app both sides share: Redis broker and backend, JSON only.
+
+    ``socket_timeout`` bounds each result-backend call (a client's reads), so a Redis that
+    accepts but never answers is an error in seconds, not a hang."""
     app = Celery(name, broker=redis_url, backend=f"{__name__}.PollingRedisBackend+{redis_url}")
     app.conf.update(
         # JSON only: a worker never unpickles what a client sent, and vice versa.
@@ -141,5 +203,7 @@ def make_celery(settings: Settings, redis_url: str, *, name: str = "pfbuild") ->
         result_expires=settings.result_expires,
         # no request copy in each result: a hit's result is written and read on the hot path
         result_extended=False,
+        redis_socket_timeout=socket_timeout,
+        redis_socket_connect_timeout=socket_timeout,
     )
     return app

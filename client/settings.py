@@ -45,9 +45,36 @@ class Settings(BaseSettings):
         default=3,
         description="A job whose worker died this many times is failed, not redelivered.",
     )
-    visibility_margin: int = Field(
-        default=600,
-        description="Seconds the broker's visibility timeout exceeds the hard time limit.",
+    visibility_timeout: int = Field(
+        default=120,
+        description="Seconds after which the broker hands an unacknowledged job to another "
+        "worker. A running job's heartbeat keeps its delivery fresh, so this bounds how long "
+        "a dead host's job waits, not how long a build may run.",
+    )
+    heartbeat_seconds: float = Field(
+        default=10.0,
+        description="How often a worker renews a running job's heartbeat (it lives three "
+        "times as long) and its delivery's place in the broker's unacked index.",
+    )
+    send_grace: float = Field(
+        default=10.0,
+        description="Seconds a submitter has, after claiming a flight, to send its job. A "
+        "flight whose job was never sent (the submitter died in between) is abandoned after "
+        "this, and its waiters get JobLost.",
+    )
+    wait_timeout: float = Field(
+        default=4 * 3600.0,
+        description="Seconds `result()` and `--wait` wait for an answer when not told.",
+    )
+    redis_socket_timeout: float = Field(
+        default=2.0,
+        description="Seconds any Redis call of a client may take (connect or reply), so "
+        "that a Redis that accepts but never answers is an error, not a hang.",
+    )
+    redis_outage_tolerance: float = Field(
+        default=30.0,
+        description="Seconds a waiting client keeps retrying while Redis cannot be reached, "
+        "before it raises QueueUnavailable.",
     )
     result_expires: int = Field(
         default=86400, description="Seconds results, job logs and cancel flags are kept."
@@ -143,10 +170,9 @@ class Settings(BaseSettings):
     docker_timeout: int = Field(default=600, description="Seconds for one engine API call.")
 
     @property
-    def visibility_timeout(self) -> int:
-        """Longer than the hard limit: Redis redelivers an unacked task after this long,
-        so a shorter one would run a long build twice (celery#5935)."""
-        return self.build_time_limit + self.visibility_margin
+    def heartbeat_ttl(self) -> float:
+        """A heartbeat not renewed for three periods means its worker is gone."""
+        return 3 * self.heartbeat_seconds
 
     @property
     def flight_ttl(self) -> int:

@@ -16,7 +16,7 @@ def test_client_exports() -> None:
     assert sorted(pfbuild.client.__all__) == sorted(
         ["BadRequest", "BuildAnswer", "BuildClient", "BuildFailed", "BuildJob", "BuildRequest",
          "BuildTimeout", "EngineUnavailable", "ErrorInfo", "FailureInfo", "JobCancelled",
-         "JobState", "JobStatus", "JobTimeout", "LockLost", "Manifest", "PfbuildError",
+         "JobLost", "JobState", "JobStatus", "JobTimeout", "LockLost", "Manifest", "PfbuildError",
          "Profile", "ProfileRefused", "QueueUnavailable", "Settings", "parse_profile"]
     )
     for name in pfbuild.client.__all__:
