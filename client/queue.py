@@ -159,14 +159,18 @@ if KEYS[1] ~= '' and redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del'
 redis.call('rpush', KEYS[2], 1)
 redis.call('ltrim', KEYS[2], 0, 0)
 redis.call('expire', KEYS[2], ARGV[2])
+redis.call('expire', KEYS[3], ARGV[2])
 return 1
 """
 
 
 def signal_done(client: redis.Redis, job_id: str, ttl: int, flight_key: str | None = None) -> None:
     """Wake whoever waits for ``job_id``: its result (or revocation) is stored. Ends its
-    flight too, if given and still its own: one round trip at the end of every job."""
-    client.eval(_SIGNAL_DONE, 2, flight_key or "", Keys.done(job_id), job_id, ttl)
+    flight too, if given and still its own, and keeps the job's record as long as its
+    answer (then the job is gone for good): one round trip at the end of every job."""
+    client.eval(
+        _SIGNAL_DONE, 3, flight_key or "", Keys.done(job_id), Keys.job(job_id), job_id, ttl
+    )
 
 
 class PollingRedisBackend(RedisBackend):  # type: ignore[misc]

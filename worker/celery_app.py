@@ -28,8 +28,10 @@ def configure_worker(app: Celery, settings: Settings) -> None:
         # One job reserved per process: a build takes minutes, and a job prefetched by a
         # busy worker would wait behind it while another worker sits idle.
         worker_prefetch_multiplier=1,
-        # Redis redelivers an unacked job after visibility_timeout; it must outlast the
-        # hard time limit or a long build runs twice (celery#5935).
+        # Redis redelivers an unacked job after visibility_timeout. A running job's
+        # heartbeat keeps its delivery fresh in the unacked index (worker/liveness.py), and
+        # a redelivered copy is harmless, so this is short: a dead host's job comes back in
+        # about visibility_timeout + 10 s, whatever the build's time limit (celery#5935).
         # Workers sweep for such orphans every 10 s (kombu's default scans only every
         # 10th sweep, so a dead worker's job would wait up to 100 s more).
         broker_transport_options={

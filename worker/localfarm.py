@@ -24,36 +24,48 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A throwaway redis-server on a free loopback port, without persistence."""
+    """A throwaway redis-server on a free loopback port; without persistence, or with AOF
+    (``appendfsync everysec``, as compose runs it) when ``persistent``."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, persistent: bool = False) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
+        self.workdir = workdir
+        self.persistent = persistent
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        durability = (
+            ["--appendonly", "yes", "--appendfsync", "everysec"]
+            if self.persistent
+            else ["--appendonly", "no"]
+        )
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             *durability, "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url)
-        for _ in range(100):
+        for _ in range(200):
             try:
                 client.ping()
-                return
+                return proc
             except redis.ConnectionError:
                 time.sleep(0.05)
+            except redis.ResponseError:  # LOADING: still reading its AOF
+                time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
+
+    def restart(self, down_for: float = 0.0) -> float:
+        """SIGKILL the server (a crash: no goodbye), wait, start it again on the same
+        port and files; return how long it was unreachable."""
+        self.proc.kill()
+        self.proc.wait(10)
+        died = time.monotonic()
+        time.sleep(down_for)
+        self.proc = self._spawn()
+        return time.monotonic() - died
 
     def stop(self) -> None:
         self.proc.terminate()

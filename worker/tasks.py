@@ -1,6 +1,8 @@
 """The Celery task: a thin shell that runs the pipeline under the profile lock.
 
-A job goes: skip it if cancelled → resolve its request → take the profile lock (or come
+A job goes: skip it if cancelled → take it over (a redelivered copy whose answer is stored,
+or whose job runs elsewhere, ends here: :mod:`pfbuild.worker.liveness`) and beat while it
+runs → resolve its request → take the profile lock (or come
 back later, freeing the worker slot) → count the start (redeliveries are capped) → run
 the pipeline under the lock's watchdog → answer. Every way it can end is a specific
 error of :mod:`pfbuild.client.errors`, serialised as JSON, never a traceback.
@@ -34,6 +36,7 @@ from pfbuild.client.profile import validate_request
 from pfbuild.client.queue import PING_TASK, TASK_NAME, Keys, end_flight, signal_done
 from pfbuild.client.settings import Settings
 from pfbuild.worker.engine import Engine, engine_from_settings
+from pfbuild.worker.liveness import Heartbeat
 from pfbuild.worker.lock import ProfileLock
 from pfbuild.worker.pipeline import reuse_local, run_build
 from pfbuild.worker.progress import Reporter
@@ -84,6 +87,41 @@ class _Job:
     def run(self) -> dict[str, Any]:
         if self.proc.redis.exists(Keys.cancel(self.id)):
             raise Ignore()  # cancelled while queued, and this worker missed the revoke
+        self.beat = Heartbeat(self.proc.redis, self.proc.app, self.settings, self.id, self.worker)
+        self.take_over()
+        with self.beat.running():
+            return self.run_job()
+
+    def answered(self) -> bool:
+        meta = self.task.backend.get_task_meta(self.id)
+        return str(meta.get("status")) in READY_STATES
+
+    def take_over(self) -> None:
+        """Make this delivery the one that runs the job, or end it harmlessly.
+
+        A copy whose answer is stored acknowledges itself; a copy of a job another delivery
+        runs (its heartbeat is fresh) steps aside if another message of the job is on the
+        broker, else waits as the job's last message until that run ends or stops beating.
+        """
+        last_visible = 0.0
+        while True:
+            if self.answered():
+                flight = self.kwargs.get("flight")
+                flight_key = flight if isinstance(flight, str) else None
+                signal_done(self.proc.redis, self.id, self.settings.result_expires, flight_key)
+                raise Ignore()
+            holder = self.beat.claim()
+            if holder is None:
+                return
+            if self.beat.others_on_broker():
+                log.info("job %s runs elsewhere (%s); this copy steps aside", self.id, holder)
+                raise Ignore()
+            if time.monotonic() - last_visible >= self.settings.heartbeat_seconds:
+                self.beat.keep_visible()
+                last_visible = time.monotonic()
+            time.sleep(1)
+
+    def run_job(self) -> dict[str, Any]:
         resolved = self.resolve()
         hit = reuse_local(
             resolved, self.settings, self.proc.engine, worker=self.worker, timings=self.timings()
@@ -136,6 +174,7 @@ class _Job:
                 f"{self.settings.lock_wait_max}s (holder: {lock.holder()})"
             )
         reporter.publish(JobState.WAITING_FOR_LOCK, holder=lock.holder())
+        self.beat.release()  # before the retry's message exists, so it never meets our beat
         raise self.task.retry(
             countdown=self.settings.lock_poll_seconds,
             kwargs={**self.kwargs, "lock_wait_since": since},

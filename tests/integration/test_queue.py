@@ -41,8 +41,8 @@ def _env(url: str, tmp: Path, hard_limit: int = 300) -> dict[str, str]:
         "PFBUILD_LOCK_POLL_SECONDS": "0.5",
         "PFBUILD_BUILD_SOFT_TIME_LIMIT": str(hard_limit - 10),
         "PFBUILD_BUILD_TIME_LIMIT": str(hard_limit),
-        # a dead worker's job is redelivered after hard_limit + 5 s, not the default 70 min
-        "PFBUILD_VISIBILITY_MARGIN": "5",
+        # a dead worker's job is redelivered after 30 s, not the default 120 s
+        "PFBUILD_VISIBILITY_TIMEOUT": "30",
     }
 
 

@@ -1,0 +1,232 @@
+"""Fault tests on a real redis-server, real `celery worker` processes and the real engine.
+
+Each prints its figure (run with ``-s`` to see them); each uses the defaults a user runs
+unless the fault itself needs a setting (said where it is set).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from pfbuild.client.errors import JobLost
+from pfbuild.client.jobs import BuildClient, BuildJob
+from pfbuild.client.queue import JobState, Keys
+from pfbuild.client.settings import Settings
+from pfbuild.worker.localfarm import RedisServer, Worker
+
+pytestmark = [pytest.mark.docker, pytest.mark.redis]
+
+EXAMPLE = Path(__file__).parent.parent.parent / "examples" / "hello"
+
+
+def _env(url: str, tmp: Path, **extra: str) -> dict[str, str]:
+    return {"PFBUILD_REDIS_URL": url, "PFBUILD_TMP_DIR": str(tmp / "pf-tmp"), **extra}
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    dest = tmp_path / "hello"
+    shutil.copytree(EXAMPLE, dest)
+    return dest
+
+
+@pytest.fixture
+def server(docker_engine, tmp_path: Path) -> Iterator[RedisServer]:  # type: ignore[no-untyped-def]
+    if shutil.which("redis-server") is None:
+        from tests.conftest import missing
+
+        missing("redis-server")
+    srv = RedisServer(tmp_path)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    try:
+        yield started
+    finally:
+        for w in started:
+            w.stop()
+
+
+def _start(workers: list[Worker], names: list[str], env: dict[str, str], logdir: Path,
+           concurrency: int = 1) -> list[Worker]:
+    new = [Worker(n, env, logdir, concurrency) for n in names]
+    workers.extend(new)
+    for w in new:
+        w.wait_ready()
+    return new
+
+
+def _profile(repo: Path, *cmds: str) -> dict[str, Any]:
+    doc = json.loads((repo / "repo_profile.json").read_text())
+    doc["env"]["PFTEST_NONCE"] = uuid.uuid4().hex  # a profile nobody has built
+    if cmds:
+        doc["install_cmds"] = list(cmds)
+    return doc  # type: ignore[no-any-return]
+
+
+def _until(job: BuildJob, state: JobState, within: float = 180) -> Any:
+    deadline = time.monotonic() + within
+    while (st := job.status()).state is not state:
+        assert time.monotonic() < deadline, st
+        assert not st.ready, st
+        time.sleep(0.1)
+    return st
+
+
+_GHOST = """
+import os, signal, sys
+from pfbuild.client.jobs import BuildClient
+def die(self, *args, **kwargs):
+    print(args[2], flush=True)          # the job id, then die between flight and send
+    os.kill(os.getpid(), signal.SIGKILL)
+BuildClient._send = die
+BuildClient(sys.argv[1]).submit({"repo_dir": sys.argv[2], "profile": eval(sys.argv[3])})
+"""
+
+
+def test_submitter_killed_between_flight_and_send(server: RedisServer, workers: list[Worker],
+                                                  repo: Path, tmp_path: Path,
+                                                  cleanup_images: list[str]) -> None:
+    """SIGKILL between claiming the flight and sending: a joiner gets JobLost, and the
+    next submit starts a job of its own within ``send_grace`` (default 10 s)."""
+    _start(workers, ["g1"], _env(server.url, tmp_path), tmp_path)
+    profile = _profile(repo, "true")
+    proc = subprocess.run([sys.executable, "-c", _GHOST, server.url, str(repo), repr(profile)],
+                          capture_output=True, text=True, timeout=60)
+    killed = time.monotonic()
+    assert proc.returncode == -9, proc.stderr
+    ghost = proc.stdout.strip()
+    request = {"repo_dir": str(repo), "profile": profile}
+    with BuildClient(server.url) as client:
+        joined = client.submit(request)
+        assert joined.id == ghost and joined.joined
+        with pytest.raises(JobLost):
+            joined.result()
+        lost_after = time.monotonic() - killed
+        while (fresh := client.submit(request)).id == ghost:
+            time.sleep(0.2)
+        fresh_after = time.monotonic() - killed
+        answer = fresh.result(timeout=300)
+    cleanup_images.append(answer.image_tag)
+    print(f"\nghost flight: joiner got JobLost {lost_after:.1f}s after the kill; a new job "
+          f"started {fresh_after:.1f}s after it (bound: send_grace "
+          f"{Settings().send_grace:.0f}s); answered from {answer.cache_source}")
+    assert answer.cache_source == "built"
+    assert fresh_after < Settings().send_grace + 2
+
+
+def test_redis_wiped_mid_build(server: RedisServer, workers: list[Worker], repo: Path,
+                               tmp_path: Path) -> None:
+    """FLUSHALL while a build runs: every waiting agent gets JobLost, promptly."""
+    _start(workers, ["x1"], _env(server.url, tmp_path), tmp_path)
+    request = {"repo_dir": str(repo), "profile": _profile(repo, "sleep 30")}
+    outcomes: list[tuple[float, BaseException | None]] = []
+    with BuildClient(server.url) as client:
+        job = client.submit(request)
+        _until(job, JobState.BUILDING)
+
+        def wait() -> None:
+            try:
+                BuildClient(server.url).job(job.id).result()
+                outcomes.append((time.monotonic(), None))
+            except BaseException as exc:
+                outcomes.append((time.monotonic(), exc))
+
+        waiters = [threading.Thread(target=wait) for _ in range(5)]
+        for t in waiters:
+            t.start()
+        time.sleep(1)
+        redis.Redis.from_url(server.url).flushall()
+        wiped = time.monotonic()
+        for t in waiters:
+            t.join(60)
+    figures = [at - wiped for at, _ in outcomes]
+    print(f"\nRedis wiped: {len(outcomes)} waiters, "
+          f"{sum(isinstance(e, JobLost) for _, e in outcomes)} got JobLost, the last "
+          f"{max(figures):.2f}s after the wipe (bound: one poll, 0.5 s)")
+    assert len(outcomes) == 5 and all(isinstance(e, JobLost) for _, e in outcomes), outcomes
+    assert max(figures) < 5
+
+
+def test_whole_host_killed_mid_build(server: RedisServer, workers: list[Worker], repo: Path,
+                                     tmp_path: Path, cleanup_images: list[str]) -> None:
+    """SIGKILL the building worker with its pool (its "host"), with the defaults
+    (visibility timeout 120 s, lock TTL 60 s): the job comes back on the other worker
+    within 3 minutes and is built once more there, to one answer."""
+    victim, survivor = _start(workers, ["h1", "h2"], _env(server.url, tmp_path), tmp_path)
+    with BuildClient(server.url) as client:
+        job = client.submit({"repo_dir": str(repo), "profile": _profile(repo, "sleep 20")})
+        st = _until(job, JobState.BUILDING)
+        if not str(st.worker).startswith(f"{victim.name}@"):
+            victim, survivor = survivor, victim
+        victim.kill()
+        killed = time.monotonic()
+        deadline = killed + 300
+        while not str((st := job.status()).worker).startswith(f"{survivor.name}@"):
+            assert time.monotonic() < deadline and not st.ready, st
+            time.sleep(0.5)
+        restarted = time.monotonic() - killed
+        answer = job.result(timeout=600)
+    cleanup_images.append(answer.image_tag)
+    starts = int(redis.Redis.from_url(server.url).get(Keys.starts(job.id)) or 0)
+    print(f"\nhost killed mid-build: the job started again on {survivor.name} "
+          f"{restarted:.0f}s after the kill (bound 180 s); starts under the lock: {starts}; "
+          f"answer from {answer.worker.split('@')[0]}, {answer.cache_source}")
+    assert answer.worker.startswith(f"{survivor.name}@") and answer.cache_source == "built"
+    assert restarted < 180 and starts == 2
+
+
+def test_redis_restart_keeps_every_job(docker_engine, tmp_path: Path, workers: list[Worker],  # type: ignore[no-untyped-def]
+                                       repo: Path, cleanup_images: list[str]) -> None:
+    """Redis (with AOF) restarted mid-build with 10 jobs queued: all 11 answered, none
+    cancelled, none built twice."""
+    server = RedisServer(tmp_path, persistent=True)
+    try:
+        _restart_scenario(server, workers, repo, tmp_path, cleanup_images)
+    finally:
+        server.stop()
+
+
+def _restart_scenario(server: RedisServer, workers: list[Worker], repo: Path,
+                      tmp_path: Path, cleanup_images: list[str]) -> None:
+    _start(workers, ["r1"], _env(server.url, tmp_path), tmp_path)
+    with BuildClient(server.url) as client:
+        first = client.submit({"repo_dir": str(repo), "profile": _profile(repo, "sleep 15")})
+        _until(first, JobState.BUILDING)
+        queued = [client.submit({"repo_dir": str(repo), "profile": _profile(repo, "true")})
+                  for _ in range(10)]
+        time.sleep(1.5)  # past one appendfsync everysec
+        down = server.restart(down_for=3)
+        answers, errors = [], []
+        for job in [first, *queued]:
+            try:
+                answers.append(job.result(timeout=900))
+            except Exception as exc:
+                errors.append((job.id, exc))
+        r = redis.Redis.from_url(server.url)
+        starts = [int(r.get(Keys.starts(j.id)) or 0) for j in [first, *queued]]
+    cleanup_images.extend(a.image_tag for a in answers)
+    print(f"\nRedis restarted (down {down:.1f}s, AOF): {len(answers)}/11 answered, "
+          f"errors {[(i[:8], type(e).__name__) for i, e in errors]}, starts per job {starts}")
+    assert not errors and len(answers) == 11
+    assert all(a.cache_source == "built" for a in answers)
+    assert all(s == 1 for s in starts), starts
+
