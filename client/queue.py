@@ -96,6 +96,16 @@ class Keys:
         return f"pfbuild:job:{job_id}"
 
     @staticmethod
+    def waiters(profile_id: str) -> str:
+        """The jobs parked on a profile's lock: job id → its message's arguments."""
+        return f"pfbuild:waiters:{profile_id}"
+
+    @staticmethod
+    def waiting() -> str:
+        """The profiles that have parked jobs (what each worker's sweeper looks at)."""
+        return "pfbuild:waiting"
+
+    @staticmethod
     def alive(job_id: str) -> str:
         """The heartbeat of the one delivery running the job: its token, short TTL."""
         return f"pfbuild:alive:{job_id}"

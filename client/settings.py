@@ -36,7 +36,9 @@ class Settings(BaseSettings):
         "every third of that while the build runs, so a dead worker's lock frees itself.",
     )
     lock_poll_seconds: float = Field(
-        default=2.0, description="How often a job whose profile is locked retries."
+        default=2.0,
+        description="How often each worker sweeps the lock wait lists: a job parked on a "
+        "lock whose holder died (or past lock_wait_max) is sent again.",
     )
     lock_wait_max: int = Field(
         default=7200, description="Seconds a job may wait for a profile lock before failing."

@@ -6,11 +6,15 @@ what only a consuming worker needs is configured here, each setting with its rea
 
 from __future__ import annotations
 
-from celery import Celery
+import threading
+from typing import Any
+
+from celery import Celery, signals
 
 from pfbuild.client.errors import QueueUnavailable
 from pfbuild.client.queue import make_celery
 from pfbuild.client.settings import Settings
+from pfbuild.worker.lockwait import start_sweeper
 from pfbuild.worker.tasks import register
 
 __all__ = ["configure_worker", "create_app"]
@@ -55,6 +59,22 @@ def configure_worker(app: Celery, settings: Settings) -> None:
     )
 
 
+def sweep_parked_jobs(app: Celery, settings: Settings) -> None:
+    """Once ``app``'s worker is ready, sweep the lock wait lists until it shuts down: a
+    job parked on a lock whose holder died is sent again by whichever worker sees it."""
+    stop = threading.Event()
+
+    def on_ready(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            start_sweeper(app, settings, stop)
+
+    def on_shutdown(**_: Any) -> None:
+        stop.set()
+
+    signals.worker_ready.connect(on_ready, weak=False)
+    signals.worker_shutdown.connect(on_shutdown, weak=False)
+
+
 def create_app(settings: Settings | None = None, redis_url: str | None = None) -> Celery:
     """A worker's Celery app with the build task registered, configured from ``settings``."""
     settings = settings or Settings()
@@ -67,4 +87,5 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     app = make_celery(settings, url, name="pfbuild.worker")
     configure_worker(app, settings)
     register(app, settings)
+    sweep_parked_jobs(app, settings)
     return app

@@ -107,27 +107,39 @@ class Heartbeat:
         """True if more than one message of the job is unacknowledged: ours and another."""
         return len(job_deliveries(self.client, self.unacked, self.job_id)) > 1
 
-    def release(self) -> None:
-        """Stop beating (at once) and free the heartbeat if it is still ours."""
+    def pause(self) -> None:
+        """Stop beating at once, leaving the heartbeat key as it is."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        with contextlib.suppress(redis.RedisError):
-            self.client.eval(_RELEASE_IF_OURS, 1, self.key, self.token)
+        self._thread = None
 
-    @contextlib.contextmanager
-    def running(self) -> Iterator[None]:
-        """Beat every ``heartbeat_seconds`` while the body runs; release at the end."""
+    def resume(self) -> None:
+        """Beat every ``heartbeat_seconds`` (again), starting now."""
 
-        def loop() -> None:
-            while not self._stop.wait(self.settings.heartbeat_seconds):
+        def loop(stop: threading.Event) -> None:
+            while not stop.wait(self.settings.heartbeat_seconds):
                 with contextlib.suppress(redis.RedisError):  # a blip: beat again later
                     self.beat()
 
         with contextlib.suppress(redis.RedisError):
             self.beat()
-        self._thread = threading.Thread(target=loop, name=f"beat-{self.job_id[:8]}", daemon=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=loop, args=(self._stop,), name=f"beat-{self.job_id[:8]}", daemon=True
+        )
         self._thread.start()
+
+    def release(self) -> None:
+        """Stop beating and free the heartbeat if it is still ours."""
+        self.pause()
+        with contextlib.suppress(redis.RedisError):
+            self.client.eval(_RELEASE_IF_OURS, 1, self.key, self.token)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Beat while the body runs; release at the end."""
+        self.resume()
         try:
             yield
         finally:

@@ -2,10 +2,11 @@
 
 A job goes: skip it if cancelled → take it over (a redelivered copy whose answer is stored,
 or whose job runs elsewhere, ends here: :mod:`pfbuild.worker.liveness`) and beat while it
-runs → resolve its request → take the profile lock (or come
-back later, freeing the worker slot) → count the start (redeliveries are capped) → run
-the pipeline under the lock's watchdog → answer. Every way it can end is a specific
-error of :mod:`pfbuild.client.errors`, serialised as JSON, never a traceback.
+runs → resolve its request → take the profile lock (or park on its wait list, freeing the
+worker slot and the broker: :mod:`pfbuild.worker.lockwait`) → count the start
+(redeliveries are capped) → run the pipeline under the lock's watchdog → answer. Every
+way it can end is a specific error of :mod:`pfbuild.client.errors`, serialised as JSON,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import os
 import time
 from collections.abc import Callable
 from functools import cached_property
-from typing import Any, NoReturn
+from typing import Any
 
 import redis
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from celery.states import READY_STATES
+from kombu.exceptions import OperationalError
 
 from pfbuild.client.errors import (
     BadRequest,
@@ -38,6 +40,7 @@ from pfbuild.client.settings import Settings
 from pfbuild.worker.engine import Engine, engine_from_settings
 from pfbuild.worker.liveness import Heartbeat
 from pfbuild.worker.lock import ProfileLock
+from pfbuild.worker.lockwait import WaitList
 from pfbuild.worker.pipeline import reuse_local, run_build
 from pfbuild.worker.progress import Reporter
 from pfbuild.worker.resolve import ResolvedRequest, resolve_request
@@ -136,7 +139,7 @@ class _Job:
             self.proc.redis, self.profile_id, ttl=self.settings.lock_ttl, owner=self.worker
         )
         reporter = Reporter(self.task, self.proc.redis, self.settings, self.base, lock.check)
-        if not lock.acquire():
+        while not lock.acquire():
             self.wait_for_lock(lock, reporter)
         try:
             self.count_start()
@@ -147,7 +150,15 @@ class _Job:
         finally:
             reporter.flush()
             lock.release()
+            self.wake_waiters()
         return answer.model_dump(mode="json")
+
+    def wake_waiters(self) -> None:
+        """Send again the jobs parked on the lock just released (the sweeper would, later)."""
+        try:
+            WaitList(self.proc.redis, self.proc.app, self.profile_id).wake()
+        except (redis.RedisError, OperationalError) as exc:
+            log.warning("could not wake the jobs waiting for %s: %s", self.profile_id, exc)
 
     def end_flight(self) -> None:
         flight = self.kwargs.get("flight")
@@ -165,20 +176,24 @@ class _Job:
             raise BadRequest("profile_id does not match the profile sent with it")
         return resolved
 
-    def wait_for_lock(self, lock: ProfileLock, reporter: Reporter) -> NoReturn:
-        """Come back in a moment (freeing this worker slot), or give up after the maximum."""
+    def wait_for_lock(self, lock: ProfileLock, reporter: Reporter) -> None:
+        """Park on the profile's wait list and end this delivery (its slot is free, and no
+        message of the job waits on the broker); the lock's release sends the job again
+        (worker/lockwait.py). Returns only if the lock was freed meanwhile: try again."""
         since = self.kwargs.get("lock_wait_since") or self.started
-        if self.started - since > self.settings.lock_wait_max:
+        if time.time() - since > self.settings.lock_wait_max:
             raise LockWaitExceeded(
                 f"profile {self.profile_id} stayed locked for more than "
                 f"{self.settings.lock_wait_max}s (holder: {lock.holder()})"
             )
         reporter.publish(JobState.WAITING_FOR_LOCK, holder=lock.holder())
-        self.beat.release()  # before the retry's message exists, so it never meets our beat
-        raise self.task.retry(
-            countdown=self.settings.lock_poll_seconds,
-            kwargs={**self.kwargs, "lock_wait_since": since},
-        )
+        waits = WaitList(self.proc.redis, self.proc.app, self.profile_id)
+        # no beat while parking: the park drops the heartbeat with it, so a copy sent by
+        # a wake-up at once never finds this delivery's beat and steps aside for it
+        self.beat.pause()
+        if waits.park(self.id, {**self.kwargs, "lock_wait_since": since}, self.beat.token):
+            raise Ignore()
+        self.beat.resume()
 
     def count_start(self) -> None:
         """Each start under the lock counts; a job whose worker keeps dying is given up."""
@@ -259,8 +274,7 @@ def register(
         """A task that does nothing: the baseline of the queue benchmark."""
         return "pong"
 
-    # max_retries=None: lock waits retry until Settings.lock_wait_max, checked in the task
-    @app.task(bind=True, base=BuildTask, name=TASK_NAME, max_retries=None, shared=False)  # type: ignore[untyped-decorator]
+    @app.task(bind=True, base=BuildTask, name=TASK_NAME, shared=False)  # type: ignore[untyped-decorator]
     def build(self: Task, **kwargs: Any) -> dict[str, Any]:
         return _run_job(_Job(self, proc, kwargs))
 

@@ -230,3 +230,34 @@ def _restart_scenario(server: RedisServer, workers: list[Worker], repo: Path,
     assert all(a.cache_source == "built" for a in answers)
     assert all(s == 1 for s in starts), starts
 
+
+
+def test_lock_wait_twice_the_visibility_timeout(server: RedisServer, workers: list[Worker],
+                                                repo: Path, tmp_path: Path,
+                                                cleanup_images: list[str]) -> None:
+    """A forced rebuild waits for a lock held 2 x the visibility timeout (set to 20 s
+    here, so that the test takes a minute): it is parked, not retried, so its message is
+    never redelivered; each job builds once. Two workers of one slot each."""
+    env = _env(server.url, tmp_path, PFBUILD_VISIBILITY_TIMEOUT="20")
+    _start(workers, ["l1", "l2"], env, tmp_path)
+    profile = _profile(repo, "sleep 45")
+    with BuildClient(server.url) as client:
+        holder = client.submit({"repo_dir": str(repo), "profile": profile})
+        _until(holder, JobState.BUILDING)
+        forced = client.submit({"repo_dir": str(repo), "profile": profile,
+                                "force_rebuild": True})
+        _until(forced, JobState.WAITING_FOR_LOCK, within=60)
+        parked_at = time.monotonic()
+        a = holder.result(timeout=600)
+        b = forced.result(timeout=600)
+        waited = b.timings.lock_wait
+    cleanup_images.append(a.image_tag)
+    r = redis.Redis.from_url(server.url)
+    starts = [int(r.get(Keys.starts(j)) or 0) for j in (holder.id, forced.id)]
+    logs = "".join(w.log.read_text() for w in workers)
+    received = logs.count(f"pfbuild.build[{forced.id}] received")
+    print(f"\nlock wait: the forced job waited {waited:.0f}s (visibility timeout 20 s), "
+          f"was received {received} times (parked once, woken once), starts {starts}, "
+          f"answered {time.monotonic() - parked_at:.0f}s after parking")
+    assert waited > 40 and starts == [1, 1] and received == 2
+    assert b.cache_source == "built" and b.manifest.force_rebuild
