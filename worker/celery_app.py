@@ -47,9 +47,11 @@ def configure_worker(app: Celery, settings: Settings) -> None:
         # structured timeout; the hard limit kills what ignores it.
         task_soft_time_limit=settings.build_soft_time_limit,
         task_time_limit=settings.build_time_limit,
-        # If the broker connection drops, cancel running builds: their acks would be lost
-        # anyway and the jobs redelivered, so finishing them would only build twice.
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A broker blip (Redis restarting) must not turn a build into `cancelled`: a
+        # running build goes on and stores its answer once Redis is back. Its ack may be
+        # lost with the old connection; the message then comes back after the visibility
+        # timeout, and the copy finds the answer stored and builds nothing (liveness.py).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # Say explicitly that a worker started before Redis keeps retrying to connect.
         broker_connection_retry_on_startup=True,
         # No STARTED: the task publishes its own stages, and a STARTED stored by each lock
