@@ -1,8 +1,10 @@
 """The tarball cache: ``{cache_dir}/{profile_id}.tar[.zst]``, streamed both ways.
 
 Saving streams ``docker save`` through zstd into a temporary file, fsyncs it, records its
-sha256 in a ``.sha256`` sidecar and in the worker's trust records (see ``trust``), and
-renames it into place: a reader never sees a partial tarball. Loading first hashes the
+sha256 in the worker's trust records (see ``trust``), renames it into place (a reader
+never sees a partial tarball) under a name that carries the lock's fence (a stalled older
+holder never replaces a newer holder's file; readers take the highest fence), and only
+then writes its ``.sha256`` sidecar. Loading first hashes the
 file and loads it only if the trust records say pfbuild saved exactly those bytes for
 exactly this tag; then it streams the file (decompressing zstd on the way, since engines
 before 23 refuse zstd in ``docker load``) into the engine in bounded memory, checking the
@@ -26,7 +28,7 @@ from typing import IO, Literal, cast
 
 import zstandard
 
-from pfbuild.client.errors import BadRequest, ImageLoadFailed, TarballRejected
+from pfbuild.client.errors import BadRequest, ImageLoadFailed, LockLost, TarballRejected
 from pfbuild.client.inputs import read_bounded
 from pfbuild.client.models import TarballInfo
 from pfbuild.worker import layout
@@ -47,7 +49,11 @@ _SIDECAR_MAX_BYTES = 4096
 
 
 def find_tarball(cache_dir: Path, profile_id: str) -> Path | None:
-    """Ours (``.tar.zst``) first, then a ``.tar`` another tool may have left."""
+    """Ours first: the highest fence (the newest holder's), then one saved without a
+    fence; then a ``.tar`` another tool may have left."""
+    for _, path in layout.fenced_tarballs(cache_dir, profile_id):
+        if path.is_file():
+            return path
     for name in (layout.tarball_name(profile_id), f"{profile_id}.tar"):
         path = cache_dir / name
         if path.is_file():
@@ -271,14 +277,21 @@ def save_tarball(
     threads: int,
     trust: TrustStore,
     guard: Callable[[], None] = lambda: None,
+    fence: int | None = None,
 ) -> TarballInfo:
-    """Save ``tag`` as ``{profile_id}.tar.zst`` atomically, with a sha256 sidecar, and
-    record its digest in ``trust`` (the only tarballs :func:`load_tarball` loads).
+    """Save ``tag`` as ``{profile_id}+f{fence}.tar.zst`` (``{profile_id}.tar.zst`` with no
+    fence) atomically, record its digest in ``trust`` (the only tarballs
+    :func:`load_tarball` loads), then write its sha256 sidecar.
 
-    ``guard`` runs after the data is written and before it is renamed into
-    place; if it raises (the lock was lost, say), nothing appears in the cache.
+    ``guard`` runs after the data is written and before it is renamed into place; if it
+    raises (the lock was lost, say), nothing appears in the cache. The fence enforces
+    what the guard only checks: each holder commits its own file, readers take the
+    highest fence, and a holder that stalled past its lock (between its guard and its
+    rename) finds a newer fence committed and removes its own file. The sidecar is
+    written once the tarball is durable, so a failed write never leaves a new checksum
+    beside an old tarball.
     """
-    path = cache_dir / layout.tarball_name(profile_id)
+    path = cache_dir / layout.tarball_name(profile_id, fence)
     compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
     with atomic_file(path) as fh:
         hashing = HashingWriter(fh)
@@ -288,7 +301,24 @@ def save_tarball(
         digest, size = hashing.digest.hexdigest(), hashing.size
         guard()
         trust.record(digest, tag, size=size)
-        # The sidecar lands first: the tarball's rename (on leaving this block) is the
-        # commit point, and a run under the same profile lock never reads in between.
-        atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")
+    atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")
+    if fence is not None:
+        _supersede(cache_dir, profile_id, fence, path, guard)
     return TarballInfo(path=str(path), sha256=digest, size=size, compression="zstd")
+
+
+def _supersede(
+    cache_dir: Path, profile_id: str, fence: int, path: Path, guard: Callable[[], None]
+) -> None:
+    """Keep only the newest fence's tarball: remove older ones, or ours if it is older."""
+    fenced = layout.fenced_tarballs(cache_dir, profile_id)
+    if fenced and fenced[0][0] > fence:
+        for gone in (path, _sidecar(path)):
+            gone.unlink(missing_ok=True)
+        log.warning("tarball %s superseded by fence %d; removed", path.name, fenced[0][0])
+        guard()  # the lock is someone else's by now: this raises LockLost
+        raise LockLost(f"{path.name} was superseded by fence {fenced[0][0]}; stopped")
+    older = [p for f, p in fenced if f < fence] + [cache_dir / layout.tarball_name(profile_id)]
+    for old in older:
+        for gone in (old, _sidecar(old)):
+            gone.unlink(missing_ok=True)

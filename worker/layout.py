@@ -4,7 +4,8 @@ every folder and file name (see docs/design.md, "What a build writes").
     {repo_dir}/.pf_manifest/image_build/{profile_id}/   Dockerfile*, build.log, manifest.json
     {repo_dir}/.pf_manifest/unsupported_registry.json   failures counted per profile and class
     {repo_dir}/.tmp-test/image-cache/                   the default tarball cache
-    {cache_dir}/{profile_id}.tar.zst (+ .sha256)        a saved image
+    {cache_dir}/{profile_id}+f{fence}.tar.zst (+ .sha256)  a saved image, per lock fence
+    {cache_dir}/{profile_id}.tar.zst (+ .sha256)        a saved image (no queue, no fence)
     {cache_dir}/quarantine/                             tarballs that failed their checks
 
 Neither ``.pf_manifest`` nor ``.tmp-test`` ever enters a build context.
@@ -12,6 +13,7 @@ Neither ``.pf_manifest`` nor ``.tmp-test`` ever enters a build context.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "SCRATCH_DIR",
     "artifact_dir",
     "artifact_parts",
+    "fenced_tarballs",
     "tarball_name",
     "unsupported_registry",
 ]
@@ -54,5 +57,33 @@ def unsupported_registry(repo_dir: Path) -> Path:
     return repo_dir / ARTIFACTS_DIR / _UNSUPPORTED
 
 
-def tarball_name(profile_id: str) -> str:
-    return f"{profile_id}.tar.zst"
+# between a profile id and a lock fence: a character no Docker image name (nor profile id)
+# may hold, so ``{profile_id}+f{fence}`` never reads as another profile's name
+_FENCE_MARK = "+f"
+_TARBALL_SUFFIX = ".tar.zst"
+
+
+def tarball_name(profile_id: str, fence: int | None = None) -> str:
+    """``{profile_id}.tar.zst``, or ``{profile_id}+f{fence}.tar.zst`` for a tarball saved
+    under the profile lock at ``fence``: one file per fence, so no holder ever writes
+    over another's, and the highest fence is the newest."""
+    if fence is None:
+        return f"{profile_id}{_TARBALL_SUFFIX}"
+    return f"{profile_id}{_FENCE_MARK}{fence}{_TARBALL_SUFFIX}"
+
+
+def fenced_tarballs(cache_dir: Path, profile_id: str) -> list[tuple[int, Path]]:
+    """The fenced tarballs of ``profile_id`` in ``cache_dir``, newest (highest fence) first."""
+    prefix = f"{profile_id}{_FENCE_MARK}"
+    found = []
+    try:
+        entries = list(os.scandir(cache_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for entry in entries:
+        name = entry.name
+        if name.startswith(prefix) and name.endswith(_TARBALL_SUFFIX):
+            number = name[len(prefix) : -len(_TARBALL_SUFFIX)]
+            if number.isdigit():
+                found.append((int(number), cache_dir / name))
+    return sorted(found, reverse=True)

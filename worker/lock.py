@@ -2,8 +2,9 @@
 
 A redis-py ``Lock`` with an owner token (``thread_local=False``, so the watchdog thread
 can renew it), a TTL so that a dead worker's lock frees itself, a watchdog that renews it
-while the build runs, and a fence number: a counter bumped on every acquisition, so that
-a holder can tell, before each write that matters, whether someone has taken over since.
+while the build runs, and a fence number: bumped on every acquisition (and never below
+Redis' clock in ms), so that a holder can tell, before each write that matters, whether
+someone has taken over since, and a tarball carries the fence it was committed under.
 """
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ from pfbuild.client.queue import Keys
 __all__ = ["ProfileLock"]
 
 
+# The next fence: above the last one and at least Redis' clock in milliseconds, so fences
+# keep growing even across a Redis that lost its data (a fenced tarball saved before the
+# loss never outranks one saved after it).
+_NEXT_FENCE = """
+local now = redis.call('time')
+local clock = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local fence = math.max(tonumber(redis.call('get', KEYS[1]) or '0') + 1, clock)
+redis.call('set', KEYS[1], string.format('%d', fence))
+return fence
+"""
+
+
 class ProfileLock:
     def __init__(self, client: redis.Redis, profile_id: str, *, ttl: float, owner: str) -> None:
         self.client = client
@@ -39,7 +52,7 @@ class ProfileLock:
         if not self._lock.acquire(blocking=False, token=self.token):
             return False
         self.renewed_at = time.monotonic()
-        self.fence = int(self.client.incr(Keys.fence(self.profile_id)))
+        self.fence = int(self.client.eval(_NEXT_FENCE, 1, Keys.fence(self.profile_id)))
         self.lost.clear()
         return True
 

@@ -70,6 +70,7 @@ def run_build(
     progress: Progress = no_progress,
     worker: str | None = None,
     guard: Callable[[], None] | None = None,
+    fence: int | None = None,
     timings: Timings | None = None,
 ) -> BuildAnswer:
     """Run the pipeline for one resolved request and return its answer.
@@ -89,6 +90,7 @@ def run_build(
         progress,
         worker or f"{settings.host_id}:{os.getpid()}",
         guard=guard or (lambda: None),
+        fence=fence,
         timings=timings.model_copy() if timings else Timings(),
     )
     try:
@@ -146,10 +148,11 @@ def _sweep(resolved: ResolvedRequest, older_than: float) -> None:
     """Remove temp files a killed run left of this profile's files. Only those untouched
     for longer than any build may run: a live run writes its temp files all the time."""
     name = layout.tarball_name(resolved.profile_id)
+    fenced = layout.tarball_name(resolved.profile_id, 0).replace("0", "*", 1)
     stale = list(resolved.artifacts.glob(".*.tmp"))
     if resolved.cache_dir.is_dir():
-        stale += list(resolved.cache_dir.glob(f".{name}.*.tmp"))
-        stale += list(resolved.cache_dir.glob(f".{name}.sha256.*.tmp"))
+        for base in (name, fenced):
+            stale += list(resolved.cache_dir.glob(f".{base}.*.tmp"))
     cutoff = time.time() - older_than
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
@@ -219,18 +222,29 @@ def _build(run: BuildRun) -> Image:
 
 
 def _publish(run: BuildRun, image: Image) -> Image:
-    """Save a new image's tarball for other hosts (atomically, only while locked)."""
+    """Save a new image's tarball for other hosts (atomically, only while locked).
+
+    A save the disk refuses (full, read-only) leaves no file behind and does not fail the
+    build: the image is in this engine, and the answer says the tarball was not saved."""
     with run.stage(JobState.SAVING_TARBALL):
-        tarball = cache.save_tarball(
-            run.engine,
-            run.tag,
-            run.resolved.cache_dir,
-            run.resolved.profile_id,
-            level=run.settings.zstd_level,
-            threads=run.settings.zstd_threads,
-            trust=run.trust,
-            guard=run.guard,
-        )
+        try:
+            tarball = cache.save_tarball(
+                run.engine,
+                run.tag,
+                run.resolved.cache_dir,
+                run.resolved.profile_id,
+                level=run.settings.zstd_level,
+                threads=run.settings.zstd_threads,
+                trust=run.trust,
+                guard=run.guard,
+                fence=run.fence,
+            )
+        except requests.RequestException:
+            raise  # the engine's fault, not the disk's
+        except OSError as exc:
+            run.events.append(f"tarball not saved (other hosts will build it): {exc}")
+            log.warning("tarball of %s not saved: %s", run.resolved.profile_id, exc)
+            return image
     return Image(image.info, image.source, image.variant, tarball)
 
 

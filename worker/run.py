@@ -50,6 +50,7 @@ class BuildRun:
     progress: Progress
     worker: str
     guard: Callable[[], None] = lambda: None
+    fence: int | None = None  # the profile lock's fence, when run under the queue's lock
     timings: Timings = field(default_factory=Timings)
     attempts: list[Attempt] = field(default_factory=list)
     events: list[str] = field(default_factory=list)

@@ -145,7 +145,7 @@ class _Job:
             self.count_start()
             self.base["fence"] = lock.fence
             with lock.watchdog():
-                answer = self.build(resolved, reporter, lock.check)
+                answer = self.build(resolved, reporter, lock)
                 lock.check()
         finally:
             reporter.flush()
@@ -215,7 +215,7 @@ class _Job:
         )
 
     def build(
-        self, resolved: ResolvedRequest, reporter: Reporter, guard: Callable[[], None]
+        self, resolved: ResolvedRequest, reporter: Reporter, lock: ProfileLock
     ) -> BuildAnswer:
         return run_build(
             resolved,
@@ -223,7 +223,8 @@ class _Job:
             self.proc.engine,
             progress=reporter,
             worker=self.worker,
-            guard=guard,
+            guard=lock.check,
+            fence=lock.fence,
             timings=self.timings(),
         )
 

@@ -261,3 +261,93 @@ def test_lock_wait_twice_the_visibility_timeout(server: RedisServer, workers: li
           f"answered {time.monotonic() - parked_at:.0f}s after parking")
     assert waited > 40 and starts == [1, 1] and received == 2
     assert b.cache_source == "built" and b.manifest.force_rebuild
+
+
+def test_stalled_holder_never_commits_over_a_newer_one(server: RedisServer,
+                                                       workers: list[Worker], repo: Path,
+                                                       tmp_path: Path,
+                                                       cleanup_images: list[str]) -> None:
+    """SIGSTOP the holder while it saves its tarball, past its lock's TTL (6 s here, so
+    the stop is short); a job of the same profile from another repository takes the lock
+    and commits its tarball; then SIGCONT. The stalled holder's fence never appears as a
+    committed file, and the cache ends with the highest fence's tarball only."""
+    import os
+    import signal
+
+    env = _env(server.url, tmp_path, PFBUILD_LOCK_TTL="6")
+    _start(workers, ["s1", "s2"], env, tmp_path)
+    cache_dir = tmp_path / "shared-cache"
+    other = tmp_path / "other"
+    shutil.copytree(repo, other)
+    (other / "extra.txt").write_text("another tree, the same profile\n")
+    profile = _profile(repo, "true")
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if cache_dir.is_dir():
+                seen.update(n for n in os.listdir(cache_dir) if not n.startswith("."))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    with BuildClient(server.url) as client:
+        first = client.submit({"repo_dir": str(repo), "profile": profile,
+                               "image_cache_dir": str(cache_dir)})
+        st = _until(first, JobState.SAVING_TARBALL)
+        stalled_fence = client.app.backend.get_task_meta(first.id)["result"]["fence"]
+        pid = int(str(st.worker).rsplit(":", 1)[1])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(8)  # past the TTL: the lock is free
+            second = client.submit({"repo_dir": str(other), "profile": profile,
+                                    "image_cache_dir": str(cache_dir)})
+            newer = second.result(timeout=600)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        again = first.result(timeout=600)
+    stop.set()
+    watcher.join(5)
+    cleanup_images.append(newer.image_tag)
+    from pfbuild.worker import layout
+
+    fences = [f for f, _ in layout.fenced_tarballs(cache_dir, newer.profile_id)]
+    stalled_name = layout.tarball_name(newer.profile_id, stalled_fence)
+    print(f"\nstalled holder: fence {stalled_fence} stopped in saving_tarball for 8 s "
+          f"(TTL 6 s); newer holder committed {Path(str(newer.manifest.tarball.path)).name if newer.manifest.tarball else None}; "
+          f"the stalled fence's file seen: {stalled_name in seen}; files at the end: "
+          f"{sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith('.'))}; "
+          f"the stalled job was answered from {again.cache_source}")
+    assert stalled_name not in seen
+    assert len(fences) == 1 and fences[0] > stalled_fence
+
+
+def test_full_disk_during_the_tarball_save(server: RedisServer, workers: list[Worker],
+                                           repo: Path, tmp_path: Path,
+                                           cleanup_images: list[str]) -> None:
+    """The cache folder is a 16 MiB tmpfs: the save runs out of space. The build still
+    answers, saying the tarball was not saved, and the folder holds no torn tarball, no
+    checksum and no temporary file. (That an older tarball and its checksum stay paired
+    is tests/worker/test_fenced_commit.py's, with a failing fsync.)"""
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        from tests.conftest import missing
+
+        missing("a tmpfs mount (root)")
+    try:
+        _start(workers, ["d1"], _env(server.url, tmp_path), tmp_path)
+        with BuildClient(server.url) as client:
+            answer = client.submit({"repo_dir": str(repo), "profile": _profile(repo, "true"),
+                                    "image_cache_dir": str(small)}).result(timeout=600)
+        cleanup_images.append(answer.image_tag)
+        left = sorted(p.name for p in small.iterdir())
+        events = [e for e in answer.manifest.events if "tarball not saved" in e]
+        print(f"\nfull disk: answer {answer.cache_source}, tarball {answer.manifest.tarball}, "
+              f"event {events}; files left {left}")
+        assert answer.cache_source == "built" and answer.manifest.tarball is None and events
+        assert left == []
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
