@@ -240,7 +240,7 @@ class BuildJob:
                 time.sleep(poll)
 
     def cancel(self) -> None:
-        """Revoke the job (terminating it if it runs) and leave its flight.
+        """Cancel the job (its worker stops the engine's build) and leave its flight.
 
         Every agent that joined this job's flight sees it cancelled: they share one job.
         """
@@ -248,7 +248,9 @@ class BuildJob:
             # the flag outlives Celery's in-memory revoke list: a worker that starts later
             # (or restarts) still skips the job
             self.client.redis.set(Keys.cancel(self.id), 1, ex=self.client.settings.result_expires)
-            self.client.app.control.revoke(self.id, terminate=True, signal="SIGTERM")
+            # no terminate: the worker running it sees the flag within half a second and
+            # stops the engine's build itself, in every pool (threads included)
+            self.client.app.control.revoke(self.id)
             self.client.app.backend.mark_as_revoked(self.id, reason="cancelled by the client")
             signal_done(self.client.redis, self.id, self.client.settings.result_expires)
             if self.flight_key:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
@@ -23,10 +25,12 @@ from pfbuild.client.errors import (
     EngineError,
     EngineUnavailable,
     ImageLoadFailed,
+    JobCancelled,
 )
 from pfbuild.client.settings import Settings
 
 __all__ = [
+    "Abort",
     "BuildOutcome",
     "BuildSpec",
     "DockerEngine",
@@ -54,6 +58,38 @@ class ImageInfo:
     labels: dict[str, str]
 
 
+class Abort:
+    """Stops a running build from another thread, whatever the worker pool: it shuts the
+    build's connection down, and the engine stops a build whose client went away (and
+    removes its container). The build then raises :class:`JobCancelled`."""
+
+    def __init__(self) -> None:
+        self.triggered = threading.Event()
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+
+    def attach(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            self._sock = sock
+            if sock is not None and self.triggered.is_set():
+                _shutdown(sock)
+
+    def detach(self) -> None:
+        with self._lock:
+            self._sock = None
+
+    def trigger(self) -> None:
+        with self._lock:
+            self.triggered.set()
+            if self._sock is not None:
+                _shutdown(self._sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 @dataclass(frozen=True)
 class BuildSpec:
     """What to build: the tag, the Dockerfile's name inside the context, and how."""
@@ -64,6 +100,7 @@ class BuildSpec:
     nocache: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     idle_timeout: float | None = None  # seconds of silence before the build is stopped
+    abort: Abort | None = field(default=None, compare=False)  # to stop it from outside
 
 
 @dataclass
@@ -94,7 +131,8 @@ class Engine(Protocol):
     ) -> BuildOutcome:
         """Build ``context`` as ``spec`` says; every log line goes to ``on_line`` as it
         arrives. A build silent for ``spec.idle_timeout`` seconds is stopped and raises
-        :class:`BuildIdleTimeout`."""
+        :class:`BuildIdleTimeout`; one stopped through ``spec.abort`` raises
+        :class:`JobCancelled`."""
 
     def save(self, tag: str) -> Iterator[bytes]:
         """Stream ``tag`` out as an (uncompressed) image tarball."""
@@ -147,13 +185,34 @@ def _follow(stream: Iterable[dict[str, Any]], lines: _Lines) -> str | None:
     return error
 
 
+class _APIClient(docker.APIClient):  # type: ignore[misc]
+    """The SDK's client, remembering (per thread) the response a stream was opened on."""
+
+    opened = threading.local()
+
+    def _stream_helper(self, response: Any, decode: bool = False) -> Any:
+        _APIClient.opened.response = response
+        return super()._stream_helper(response, decode=decode)
+
+
+def _raw_socket(response: Any) -> socket.socket | None:
+    """The socket under a streaming response (http.client → SocketIO → socket)."""
+    try:
+        raw = response.raw._fp.fp.raw
+    except AttributeError:
+        return None
+    sock = getattr(raw, "_sock", raw)
+    return sock if isinstance(sock, socket.socket) else None
+
+
 class DockerEngine:
     """A real engine at ``base_url`` (``DOCKER_HOST`` syntax)."""
 
     def __init__(self, base_url: str, *, timeout: int = 600) -> None:
         self.host = base_url
         try:
-            self.api = docker.APIClient(base_url=base_url, timeout=timeout, version="auto")
+            api = _APIClient(base_url=base_url, timeout=timeout, version="auto")
+            self.api: docker.APIClient = api
             if base_url.startswith("unix://"):
                 # no proxy or netrc applies to a local socket; looking them up costs more
                 # than the inspect of a cache hit itself
@@ -203,11 +262,13 @@ class DockerEngine:
                 # build when the connection closes, so a silent build ends here
                 timeout=spec.idle_timeout,
             )
-            error = _follow(stream, lines)
+            error = self._follow_abortable(stream, lines, spec.abort)
         except (urllib3.exceptions.ReadTimeoutError, requests.exceptions.ReadTimeout) as exc:
             lines.flush()
+            _raise_if_aborted(spec.abort)
             raise self._silent(spec.idle_timeout, exc) from None
         except _UNREACHABLE as exc:
+            _raise_if_aborted(spec.abort)
             raise EngineUnavailable(
                 f"Docker engine at {self.host} failed mid-build: {exc}"
             ) from None
@@ -215,12 +276,27 @@ class DockerEngine:
             error = f"engine refused the build: {exc.explanation or exc}"
             on_line(f"ERROR: {error}")
         lines.flush()
+        _raise_if_aborted(spec.abort)
         if error is not None:
             return BuildOutcome(image=None, error=error)
         built = self.inspect(spec.tag)
         if built is None:
             return BuildOutcome(None, "the engine reported success but the image tag is missing")
         return BuildOutcome(image=built, error=None)
+
+    @staticmethod
+    def _follow_abortable(stream: Iterable[Any], lines: _Lines, abort: Abort | None) -> str | None:
+        if abort is None:
+            return _follow(stream, lines)
+        abort.attach(_raw_socket(getattr(_APIClient.opened, "response", None)))
+        try:
+            return _follow(stream, lines)
+        except Exception:
+            _raise_if_aborted(abort)
+            raise
+        finally:
+            abort.detach()
+            _APIClient.opened.response = None
 
     def _silent(
         self, idle_timeout: float | None, exc: Exception
@@ -267,6 +343,11 @@ class DockerEngine:
     def remove(self, tag: str) -> None:
         with contextlib.suppress(docker.errors.ImageNotFound):
             self.api.remove_image(tag, force=True)
+
+
+def _raise_if_aborted(abort: Abort | None) -> None:
+    if abort is not None and abort.triggered.is_set():
+        raise JobCancelled("the build was cancelled; the engine stopped it") from None
 
 
 def engine_from_settings(settings: Settings) -> DockerEngine:

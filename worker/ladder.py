@@ -174,6 +174,7 @@ def _one_build(
                 LABEL_CONTEXT: run.scan().digest,
             },
             idle_timeout=run.settings.idle_timeout or None,
+            abort=run.abort,
         )
         return run.engine.build(context.fileobj, spec, on_line)
     finally:

@@ -6,6 +6,10 @@ and moves the job's deliveries to *now* in the broker's unacked index, so the br
 hands a running job to another worker however long it builds. A dead host stops beating:
 its delivery comes back after ``visibility_timeout``.
 
+The same thread looks for the job's cancel flag twice a second and, when it is set,
+stops the engine's build (``on_cancel``): cancelling never depends on the worker pool
+killing a process.
+
 A copy that starts (a redelivery, or a duplicate of a reserved message) looks first:
 its answer is stored → it acknowledges itself and stores nothing; another delivery beats
 → it steps aside if another message of the job is still on the broker, or else (it is the
@@ -19,7 +23,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import redis
 from celery import Celery
@@ -28,6 +32,10 @@ from pfbuild.client.queue import Keys
 from pfbuild.client.settings import Settings
 
 __all__ = ["Heartbeat", "Unacked", "job_deliveries"]
+
+# how often a running job looks for its cancel flag: a cancelled build stops within this
+# (plus the engine's own stop), in every worker pool
+_CANCEL_POLL = 0.5
 
 _RELEASE_IF_OURS = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
@@ -62,9 +70,16 @@ class Heartbeat:
     """The heartbeat of one delivery of one job."""
 
     def __init__(
-        self, client: redis.Redis, app: Celery, settings: Settings, job_id: str, owner: str
+        self,
+        client: redis.Redis,
+        app: Celery,
+        settings: Settings,
+        job_id: str,
+        owner: str,
+        on_cancel: Callable[[], None] = lambda: None,
     ) -> None:
         self.client = client
+        self.on_cancel = on_cancel
         self.settings = settings
         self.job_id = job_id
         self.unacked = Unacked(app)
@@ -115,12 +130,20 @@ class Heartbeat:
         self._thread = None
 
     def resume(self) -> None:
-        """Beat every ``heartbeat_seconds`` (again), starting now."""
+        """Beat every ``heartbeat_seconds`` (again), starting now; between beats, look for
+        the job's cancel flag every ``_CANCEL_POLL`` seconds and call ``on_cancel`` once."""
 
         def loop(stop: threading.Event) -> None:
-            while not stop.wait(self.settings.heartbeat_seconds):
-                with contextlib.suppress(redis.RedisError):  # a blip: beat again later
-                    self.beat()
+            next_beat = time.monotonic() + self.settings.heartbeat_seconds
+            cancelled = False
+            while not stop.wait(min(_CANCEL_POLL, self.settings.heartbeat_seconds)):
+                with contextlib.suppress(redis.RedisError):  # a blip: try again later
+                    if not cancelled and self.client.exists(Keys.cancel(self.job_id)):
+                        cancelled = True
+                        self.on_cancel()
+                    if time.monotonic() >= next_beat:
+                        self.beat()
+                        next_beat = time.monotonic() + self.settings.heartbeat_seconds
 
         with contextlib.suppress(redis.RedisError):
             self.beat()

@@ -75,7 +75,14 @@ class RedisServer:
 class Worker:
     """One `celery -A pfbuild.worker worker` process group."""
 
-    def __init__(self, name: str, env: dict[str, str], logdir: Path, concurrency: int = 1) -> None:
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str],
+        logdir: Path,
+        concurrency: int = 1,
+        pool: str = "prefork",
+    ) -> None:
         self.name = name
         self.log = logdir / f"{name}.log"
         self._log_file = open(self.log, "wb")  # noqa: SIM115 (lives as long as the worker)
@@ -89,6 +96,7 @@ class Worker:
                 "worker",
                 f"--hostname={name}@%h",
                 f"--concurrency={concurrency}",
+                f"--pool={pool}",
                 "--loglevel=INFO",
                 "--without-gossip",
                 "--without-mingle",

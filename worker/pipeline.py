@@ -33,7 +33,7 @@ from pfbuild.client.models import BuildAnswer, CacheSource, JobState, Manifest, 
 from pfbuild.client.settings import Settings
 from pfbuild.worker import cache, layout
 from pfbuild.worker.artifacts import atomic_write_text, exclusive_lock
-from pfbuild.worker.engine import Engine, ImageInfo
+from pfbuild.worker.engine import Abort, Engine, ImageInfo
 from pfbuild.worker.ladder import LABEL_CONTEXT, LABEL_VARIANT, build_with_ladder
 from pfbuild.worker.render import VARIANTS, Variant
 from pfbuild.worker.resolve import ResolvedRequest, resolve_request
@@ -71,6 +71,7 @@ def run_build(
     worker: str | None = None,
     guard: Callable[[], None] | None = None,
     fence: int | None = None,
+    abort: Abort | None = None,
     timings: Timings | None = None,
 ) -> BuildAnswer:
     """Run the pipeline for one resolved request and return its answer.
@@ -91,6 +92,7 @@ def run_build(
         worker or f"{settings.host_id}:{os.getpid()}",
         guard=guard or (lambda: None),
         fence=fence,
+        abort=abort,
         timings=timings.model_copy() if timings else Timings(),
     )
     try:

@@ -21,7 +21,7 @@ from pfbuild.client.settings import Settings
 from pfbuild.worker import layout
 from pfbuild.worker.artifacts import atomic_write_text
 from pfbuild.worker.context import ContextScan, scan_context
-from pfbuild.worker.engine import Engine, ImageInfo
+from pfbuild.worker.engine import Abort, Engine, ImageInfo
 from pfbuild.worker.render import Variant, dockerfile_name, render
 from pfbuild.worker.resolve import ResolvedRequest
 from pfbuild.worker.trust import TrustStore
@@ -51,6 +51,7 @@ class BuildRun:
     worker: str
     guard: Callable[[], None] = lambda: None
     fence: int | None = None  # the profile lock's fence, when run under the queue's lock
+    abort: Abort | None = None  # stops the engine's build when the job is cancelled
     timings: Timings = field(default_factory=Timings)
     attempts: list[Attempt] = field(default_factory=list)
     events: list[str] = field(default_factory=list)

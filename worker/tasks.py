@@ -29,6 +29,7 @@ from pfbuild.client.errors import (
     BuildTimeout,
     DeliveriesExhausted,
     InternalError,
+    JobCancelled,
     LockLost,
     LockWaitExceeded,
     PfbuildError,
@@ -37,7 +38,7 @@ from pfbuild.client.models import BuildAnswer, JobState, Timings
 from pfbuild.client.profile import validate_request
 from pfbuild.client.queue import PING_TASK, TASK_NAME, Keys, end_flight, signal_done
 from pfbuild.client.settings import Settings
-from pfbuild.worker.engine import Engine, engine_from_settings
+from pfbuild.worker.engine import Abort, Engine, engine_from_settings
 from pfbuild.worker.liveness import Heartbeat
 from pfbuild.worker.lock import ProfileLock
 from pfbuild.worker.lockwait import WaitList
@@ -80,6 +81,7 @@ class _Job:
         self.id = str(task.request.id)
         self.profile_id = str(kwargs["profile_id"])
         self.started = time.time()
+        self.abort = Abort()
         self.worker = f"{task.request.hostname or self.settings.host_id}:{os.getpid()}"
         self.base: dict[str, Any] = {
             "profile_id": self.profile_id,
@@ -90,10 +92,20 @@ class _Job:
     def run(self) -> dict[str, Any]:
         if self.proc.redis.exists(Keys.cancel(self.id)):
             raise Ignore()  # cancelled while queued, and this worker missed the revoke
-        self.beat = Heartbeat(self.proc.redis, self.proc.app, self.settings, self.id, self.worker)
+        self.beat = Heartbeat(
+            self.proc.redis,
+            self.proc.app,
+            self.settings,
+            self.id,
+            self.worker,
+            on_cancel=self.abort.trigger,
+        )
         self.take_over()
         with self.beat.running():
-            return self.run_job()
+            answer = self.run_job()
+        if self.abort.triggered.is_set() or self.proc.redis.exists(Keys.cancel(self.id)):
+            raise JobCancelled(f"job {self.id} was cancelled")  # its answer never lands
+        return answer
 
     def answered(self) -> bool:
         meta = self.task.backend.get_task_meta(self.id)
@@ -138,15 +150,16 @@ class _Job:
         lock = ProfileLock(
             self.proc.redis, self.profile_id, ttl=self.settings.lock_ttl, owner=self.worker
         )
-        reporter = Reporter(self.task, self.proc.redis, self.settings, self.base, lock.check)
+        guard = self.guard(lock)
+        reporter = Reporter(self.task, self.proc.redis, self.settings, self.base, guard)
         while not lock.acquire():
             self.wait_for_lock(lock, reporter)
         try:
             self.count_start()
             self.base["fence"] = lock.fence
             with lock.watchdog():
-                answer = self.build(resolved, reporter, lock)
-                lock.check()
+                answer = self.build(resolved, reporter, lock, guard)
+                guard()
         finally:
             reporter.flush()
             lock.release()
@@ -159,6 +172,15 @@ class _Job:
             WaitList(self.proc.redis, self.proc.app, self.profile_id).wake()
         except (redis.RedisError, OperationalError) as exc:
             log.warning("could not wake the jobs waiting for %s: %s", self.profile_id, exc)
+
+    def store_cancelled(self) -> None:
+        try:
+            self.task.backend.mark_as_revoked(self.id, reason="cancelled by the client")
+            flight = self.kwargs.get("flight")
+            flight_key = flight if isinstance(flight, str) else None
+            signal_done(self.proc.redis, self.id, self.settings.result_expires, flight_key)
+        except (redis.RedisError, OperationalError) as exc:
+            log.warning("job %s: could not store its cancellation: %s", self.id, exc)
 
     def end_flight(self) -> None:
         flight = self.kwargs.get("flight")
@@ -214,8 +236,23 @@ class _Job:
             lock_wait=self.started - first_seen,
         )
 
+    def guard(self, lock: ProfileLock) -> Callable[[], None]:
+        """What runs before each write others read: stop if cancelled, or if the lock is
+        no longer ours at our fence."""
+
+        def check() -> None:
+            if self.abort.triggered.is_set():
+                raise JobCancelled(f"job {self.id} was cancelled")
+            lock.check()
+
+        return check
+
     def build(
-        self, resolved: ResolvedRequest, reporter: Reporter, lock: ProfileLock
+        self,
+        resolved: ResolvedRequest,
+        reporter: Reporter,
+        lock: ProfileLock,
+        guard: Callable[[], None],
     ) -> BuildAnswer:
         return run_build(
             resolved,
@@ -223,8 +260,9 @@ class _Job:
             self.proc.engine,
             progress=reporter,
             worker=self.worker,
-            guard=lock.check,
+            guard=guard,
             fence=lock.fence,
+            abort=self.abort,
             timings=self.timings(),
         )
 
@@ -238,6 +276,11 @@ def _run_job(job: _Job) -> dict[str, Any]:
             f"the build of {job.profile_id} exceeded the soft time limit of "
             f"{job.settings.build_soft_time_limit}s and was stopped"
         ) from None
+    except JobCancelled:
+        # The client stored REVOKED when it cancelled; store it again (its write may have
+        # failed) and never an answer over it. Nothing more is stored for this delivery.
+        job.store_cancelled()
+        raise Ignore() from None
     except LockLost:
         # Someone else may be running this very job now (a redelivery); publishing a
         # failure would end their flight. Put the job back instead: whoever gets it next

@@ -351,3 +351,60 @@ def test_full_disk_during_the_tarball_save(server: RedisServer, workers: list[Wo
         assert left == []
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_cancel_mid_build_in_every_pool(server: RedisServer, workers: list[Worker], repo: Path,
+                                        tmp_path: Path, docker_engine, pool: str) -> None:  # type: ignore[no-untyped-def]
+    """Cancel a building job joined by three agents: the engine's build container is gone
+    within 5 s, every agent gets JobCancelled, and no answer lands over it."""
+    import docker
+
+    from pfbuild.client.errors import JobCancelled
+
+    workers.append(Worker(f"c-{pool}", _env(server.url, tmp_path), tmp_path, pool=pool))
+    workers[-1].wait_ready()
+    marker = f"sleep 90.{uuid.uuid4().int % 10**6}"
+    request = {"repo_dir": str(repo), "profile": _profile(repo, marker)}
+    api = docker.from_env()
+
+    def build_containers() -> list[Any]:
+        return [c for c in api.containers.list(all=True)
+                if marker in " ".join(c.attrs["Config"].get("Cmd") or [])]
+
+    outcomes: list[BaseException | None] = []
+    with BuildClient(server.url) as client:
+        jobs = [client.submit(request) for _ in range(3)]
+        assert len({j.id for j in jobs}) == 1
+        deadline = time.monotonic() + 180
+        while not build_containers():
+            assert time.monotonic() < deadline and not jobs[0].status().ready
+            time.sleep(0.2)
+
+        def wait(job: BuildJob) -> None:
+            try:
+                job.result(timeout=120)
+                outcomes.append(None)
+            except BaseException as exc:
+                outcomes.append(exc)
+
+        waiters = [threading.Thread(target=wait, args=(j,)) for j in jobs]
+        for t in waiters:
+            t.start()
+        jobs[1].cancel()  # any agent of the flight
+        cancelled = time.monotonic()
+        while build_containers():
+            assert time.monotonic() - cancelled < 30, "the build container lives on"
+            time.sleep(0.1)
+        gone = time.monotonic() - cancelled
+        for t in waiters:
+            t.join(30)
+        time.sleep(5)  # a build that went on would answer by now (and overwrite)
+        final = jobs[0].status().state
+    tag = f"patchfoundry/{jobs[0].profile_id}:latest"
+    print(f"\ncancel on {pool}: build container gone {gone:.1f}s after cancel(); "
+          f"{sum(isinstance(o, JobCancelled) for o in outcomes)}/3 agents got JobCancelled; "
+          f"state 5 s later: {final.value}; image made: {docker_engine.inspect(tag) is not None}")
+    assert gone < 5
+    assert len(outcomes) == 3 and all(isinstance(o, JobCancelled) for o in outcomes), outcomes
+    assert final is JobState.CANCELLED and docker_engine.inspect(tag) is None

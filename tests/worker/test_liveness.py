@@ -96,3 +96,27 @@ def test_the_heartbeat_keeps_the_deliveries_of_its_job_fresh(url: str, tmp_path:
     assert r.zscore("unacked_index", "tag-other") == 1.0
     assert (r.ttl(Keys.job("job-d")) or 0) > 5  # the record lives while the job runs
     assert r.get(Keys.alive("job-d")) is None
+
+
+def test_a_cancel_seen_mid_build_stops_it_and_stores_no_answer(url: str,
+                                                               tmp_path: Path) -> None:
+    """The heartbeat sees the cancel flag and aborts; the build stops at its next line,
+    REVOKED stays the job's state, and nothing is published (any pool: no process kill)."""
+    engine = FakeEngine()
+    app, task, kwargs = _setup(url, tmp_path, engine)
+    r = redis.Redis.from_url(url)
+
+    def cancelled_meanwhile(dockerfile: str) -> list[str]:
+        r.set(Keys.cancel("job-x"), 1)
+        app.backend.mark_as_revoked("job-x", reason="cancelled by the client")
+        time.sleep(1.0)  # the heartbeat looks for the flag at least every 0.5 s
+        return ["Step 1/2 : FROM x", "Step 2/2 : RUN y"]
+
+    engine.build_log = cancelled_meanwhile
+    result = task.apply(kwargs=kwargs, task_id="job-x")
+    assert result.state == "IGNORED"
+    assert app.backend.get_task_meta("job-x")["status"] == "REVOKED"
+    assert r.llen(Keys.done("job-x")) == 1
+    assert not list((tmp_path / "repo" / ".pf_manifest").rglob("manifest.json"))
+    assert not list((tmp_path / "t" / "image-cache").glob("*.tar*"))
+    assert r.get(Keys.lock(kwargs["profile_id"])) is None  # released on the way out
