@@ -36,6 +36,9 @@ return fence
 """
 
 
+_RECHECK_SECONDS = 1.0  # how stale check_often's answer may be (the TTL is far longer)
+
+
 class ProfileLock:
     def __init__(self, client: redis.Redis, profile_id: str, *, ttl: float, owner: str) -> None:
         self.client = client
@@ -45,6 +48,7 @@ class ProfileLock:
         self.fence: int | None = None
         self.lost = threading.Event()
         self.renewed_at = 0.0  # monotonic time the TTL was last (re)started
+        self.checked_at = 0.0  # monotonic time Redis last confirmed the lock
         self._lock = client.lock(Keys.lock(profile_id), timeout=ttl, thread_local=False)
 
     def acquire(self) -> bool:
@@ -61,13 +65,27 @@ class ProfileLock:
         value = self.client.get(Keys.lock(self.profile_id))
         return value.decode() if isinstance(value, bytes) else value
 
+    def check_often(self) -> None:
+        """:meth:`check` for a hot path (each build log line): asks Redis at most every
+        ``_RECHECK_SECONDS``, and in between only whether the watchdog flagged a loss.
+        The writes others read (tarball, manifest) call :meth:`check` itself."""
+        if self.fence is None or self.lost.is_set():
+            raise LockLost(f"lost the lock on profile {self.profile_id}; stopped")
+        if time.monotonic() - self.checked_at >= _RECHECK_SECONDS:
+            self.check()
+
     def check(self) -> None:
-        """Raise LockLost unless this holder still owns the lock and its fence is current."""
+        """Raise LockLost unless this holder still owns the lock and its fence is current
+        (one round trip)."""
         if self.fence is None or self.lost.is_set():
             raise LockLost(f"lost the lock on profile {self.profile_id}; stopped")
         try:
-            current = self.client.get(Keys.fence(self.profile_id))
-            owned = self._lock.owned()
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(Keys.fence(self.profile_id))
+            pipe.get(Keys.lock(self.profile_id))
+            current, holder = pipe.execute()
+            owned = holder is not None and holder.decode() == self.token
+            self.checked_at = time.monotonic()
         except redis.RedisError:
             # Redis cannot tell us; the lock cannot have expired before its TTL has run
             # from the last renewal, so until then the build goes on

@@ -1,12 +1,13 @@
 """The Celery task: a thin shell that runs the pipeline under the profile lock.
 
-A job goes: skip it if cancelled → take it over (a redelivered copy whose answer is stored,
-or whose job runs elsewhere, ends here: :mod:`pfbuild.worker.liveness`) and beat while it
-runs → resolve its request → take the profile lock (or park on its wait list, freeing the
-worker slot and the broker: :mod:`pfbuild.worker.lockwait`) → count the start
-(redeliveries are capped) → run the pipeline under the lock's watchdog → answer. Every
-way it can end is a specific error of :mod:`pfbuild.client.errors`, serialised as JSON,
-never a traceback.
+A job goes: skip it if cancelled, or if a copy of it already answered → resolve its
+request → answer a hit on this engine (no lock, no heartbeat) → take the job over (a copy
+whose job runs elsewhere ends here: :mod:`pfbuild.worker.liveness`) and beat while it
+runs, stopping the build if it is cancelled → take the profile lock (or park on its wait
+list, freeing the worker slot and the broker: :mod:`pfbuild.worker.lockwait`) → count the
+start (redeliveries are capped) → run the pipeline under the lock's watchdog → answer.
+Every way it can end is a specific error of :mod:`pfbuild.client.errors`, serialised as
+JSON, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from functools import cached_property
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from celery import Celery, Task
@@ -92,6 +93,18 @@ class _Job:
     def run(self) -> dict[str, Any]:
         if self.proc.redis.exists(Keys.cancel(self.id)):
             raise Ignore()  # cancelled while queued, and this worker missed the revoke
+        if self.answered():
+            self.answered_already()
+        resolved = self.resolve()
+        hit = reuse_local(
+            resolved, self.settings, self.proc.engine, worker=self.worker, timings=self.timings()
+        )
+        if hit is not None:
+            # no lock and no heartbeat needed to read the engine (a copy of a hit is just
+            # another hit); the flight ends before the answer is stored, so the next submit
+            # starts a job of its own (a hit) at once instead of finding this one finished
+            self.end_flight()
+            return hit.model_dump(mode="json")
         self.beat = Heartbeat(
             self.proc.redis,
             self.proc.app,
@@ -102,7 +115,7 @@ class _Job:
         )
         self.take_over()
         with self.beat.running():
-            answer = self.run_job()
+            answer = self.build_locked(resolved)
         if self.abort.triggered.is_set() or self.proc.redis.exists(Keys.cancel(self.id)):
             raise JobCancelled(f"job {self.id} was cancelled")  # its answer never lands
         return answer
@@ -110,6 +123,13 @@ class _Job:
     def answered(self) -> bool:
         meta = self.task.backend.get_task_meta(self.id)
         return str(meta.get("status")) in READY_STATES
+
+    def answered_already(self) -> NoReturn:
+        """A copy whose answer is stored: wake the waiters, store nothing, acknowledge."""
+        flight = self.kwargs.get("flight")
+        flight_key = flight if isinstance(flight, str) else None
+        signal_done(self.proc.redis, self.id, self.settings.result_expires, flight_key)
+        raise Ignore()
 
     def take_over(self) -> None:
         """Make this delivery the one that runs the job, or end it harmlessly.
@@ -121,10 +141,7 @@ class _Job:
         last_visible = 0.0
         while True:
             if self.answered():
-                flight = self.kwargs.get("flight")
-                flight_key = flight if isinstance(flight, str) else None
-                signal_done(self.proc.redis, self.id, self.settings.result_expires, flight_key)
-                raise Ignore()
+                self.answered_already()
             holder = self.beat.claim()
             if holder is None:
                 return
@@ -136,22 +153,15 @@ class _Job:
                 last_visible = time.monotonic()
             time.sleep(1)
 
-    def run_job(self) -> dict[str, Any]:
-        resolved = self.resolve()
-        hit = reuse_local(
-            resolved, self.settings, self.proc.engine, worker=self.worker, timings=self.timings()
-        )
-        if hit is not None:
-            # no lock needed to read the engine; the flight ends before the answer is
-            # stored, so the next submit starts a job of its own (a hit) at once instead
-            # of finding this one finished and cleaning up after it
-            self.end_flight()
-            return hit.model_dump(mode="json")
+    def build_locked(self, resolved: ResolvedRequest) -> dict[str, Any]:
+        """Take the profile lock (or park), build under it, release it, wake waiters."""
         lock = ProfileLock(
             self.proc.redis, self.profile_id, ttl=self.settings.lock_ttl, owner=self.worker
         )
         guard = self.guard(lock)
-        reporter = Reporter(self.task, self.proc.redis, self.settings, self.base, guard)
+        reporter = Reporter(
+            self.task, self.proc.redis, self.settings, self.base, self.guard(lock, often=True)
+        )
         while not lock.acquire():
             self.wait_for_lock(lock, reporter)
         try:
@@ -236,14 +246,16 @@ class _Job:
             lock_wait=self.started - first_seen,
         )
 
-    def guard(self, lock: ProfileLock) -> Callable[[], None]:
+    def guard(self, lock: ProfileLock, often: bool = False) -> Callable[[], None]:
         """What runs before each write others read: stop if cancelled, or if the lock is
-        no longer ours at our fence."""
+        no longer ours at our fence. ``often``: for each log line (Redis asked at most
+        once a second)."""
+        lock_check = lock.check_often if often else lock.check
 
         def check() -> None:
             if self.abort.triggered.is_set():
                 raise JobCancelled(f"job {self.id} was cancelled")
-            lock.check()
+            lock_check()
 
         return check
 
@@ -289,6 +301,12 @@ def _run_job(job: _Job) -> dict[str, Any]:
         raise Reject(requeue=True) from None
     except (PfbuildError, Retry, Ignore, Reject):
         raise
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+        # A Redis blip outside the build (taking the lock, parking, counting a start):
+        # hand the job back rather than fail it. If Redis cannot take it back now, the
+        # message stays unacknowledged and returns after the visibility timeout.
+        log.warning("job %s handed back after a Redis error: %s", job.id, exc)
+        raise Reject(requeue=True) from None
     except Exception as exc:
         log.exception("job %s failed unexpectedly", job.id)
         raise InternalError(f"internal error in the worker: {type(exc).__name__}: {exc}") from None

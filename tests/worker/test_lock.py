@@ -86,3 +86,27 @@ def test_a_redis_outage_is_tolerated_only_while_the_ttl_runs() -> None:
     with pytest.raises(LockLost, match="cannot reach Redis"):
         a.check()
     a.release()  # must not raise while Redis is down
+
+
+def test_the_hot_path_check_asks_redis_at_most_once_a_second(r: fakeredis.FakeRedis) -> None:
+    """Each build log line checks the lock: 20,000 lines cost a round trip or two, not
+    two GETs each."""
+    a = ProfileLock(r, "p", ttl=5, owner="a")
+    assert a.acquire()
+    calls = []
+    real = a.client.pipeline
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    a.client.pipeline = counting  # type: ignore[method-assign,assignment]
+    started = time.perf_counter()
+    for _ in range(20_000):
+        a.check_often()
+    took = time.perf_counter() - started
+    print(f"\n20,000 hot-path lock checks: {took:.3f}s, {len(calls)} Redis round trip(s)")
+    assert len(calls) <= 2
+    a.lost.set()
+    with pytest.raises(LockLost):
+        a.check_often()  # a loss the watchdog flagged is seen at once

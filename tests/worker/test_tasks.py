@@ -88,3 +88,17 @@ def test_relative_paths_are_refused_by_the_worker(url: str, tmp_path: Path) -> N
     result = task.apply(kwargs=kwargs, task_id="job-5")
     assert result.state == "FAILURE" and "absolute" in str(result.result)
     assert result.result.type == "bad_request" and engine.builds == []
+
+
+def test_a_redis_blip_outside_the_build_hands_the_job_back(url: str, tmp_path: Path,
+                                                           monkeypatch: Any) -> None:
+    from pfbuild.worker import lock as lock_module
+
+    task, kwargs, _ = _setup(url, tmp_path, FakeEngine())
+
+    def blip(self: Any) -> bool:
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(lock_module.ProfileLock, "acquire", blip)
+    result = task.apply(kwargs=kwargs, task_id="job-6")
+    assert result.state == "REJECTED"  # requeued, not failed
