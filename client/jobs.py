@@ -118,7 +118,9 @@ class BuildJob:
         return JobStatus(id=self.id, state=state, stage=stage, **known)
 
     def _outcome(self) -> BuildAnswer | None:
-        celery_state, info = self._meta()
+        return self._answer_of(*self._meta())
+
+    def _answer_of(self, celery_state: str, info: Any) -> BuildAnswer | None:
         state = job_state(celery_state)
         if state is JobState.SUCCESS:
             return BuildAnswer.model_validate(info)
@@ -137,15 +139,19 @@ class BuildJob:
         with Redis). The answer is stored before a record expires, so the answer is read
         again before the job is declared lost.
         """
-        answer = self._outcome()
-        if answer is not None:
-            return answer
+        backend = self.client.app.backend
         try:
-            exists = self.client.redis.exists(Keys.job(self.id))
+            # the result and the record in one round trip, as cheap as reading the result
+            pipe = self.client.redis.pipeline(transaction=False)
+            pipe.get(backend.get_key_for_task(self.id))
+            pipe.exists(Keys.job(self.id))
+            raw, exists = pipe.execute()
         except redis.RedisError as exc:
             raise QueueUnavailable(f"cannot read job {self.id}: {exc}") from None
-        if exists:
-            return None
+        meta = backend.decode_result(raw) if raw else {"status": "PENDING", "result": None}
+        answer = self._answer_of(str(meta.get("status", "PENDING")), meta.get("result"))
+        if answer is not None or exists:
+            return answer
         answer = self._outcome()
         if answer is not None:
             return answer
