@@ -408,3 +408,22 @@ def test_cancel_mid_build_in_every_pool(server: RedisServer, workers: list[Worke
     assert gone < 5
     assert len(outcomes) == 3 and all(isinstance(o, JobCancelled) for o in outcomes), outcomes
     assert final is JobState.CANCELLED and docker_engine.inspect(tag) is None
+
+
+def test_engine_down_on_the_only_host(server: RedisServer, workers: list[Worker], repo: Path,
+                                      tmp_path: Path) -> None:
+    """The only host's engine does not answer (its socket is gone): the agent gets
+    EngineUnavailable within 10 s, not a hang or a generic error."""
+    from pfbuild.client.errors import EngineUnavailable
+
+    env = _env(server.url, tmp_path, PFBUILD_DOCKER_HOST=f"unix://{tmp_path}/stopped.sock")
+    _start(workers, ["e1"], env, tmp_path)
+    with BuildClient(server.url) as client:
+        started = time.monotonic()
+        job = client.submit({"repo_dir": str(repo), "profile": _profile(repo, "true")})
+        with pytest.raises(EngineUnavailable) as info:
+            job.result(timeout=60)
+        took = time.monotonic() - started
+    print(f"\nengine down: EngineUnavailable {took:.2f}s after the submit: "
+          f"{info.value.message[:60]}")
+    assert took < 10
