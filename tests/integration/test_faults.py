@@ -427,3 +427,35 @@ def test_engine_down_on_the_only_host(server: RedisServer, workers: list[Worker]
     print(f"\nengine down: EngineUnavailable {took:.2f}s after the submit: "
           f"{info.value.message[:60]}")
     assert took < 10
+
+
+def test_a_job_parked_on_a_dead_holders_lock_is_woken(server: RedisServer,
+                                                      workers: list[Worker], repo: Path,
+                                                      tmp_path: Path,
+                                                      cleanup_images: list[str]) -> None:
+    """The lock's holder dies with its host while a forced rebuild is parked on the lock:
+    nobody releases it, so the surviving worker's sweep wakes the parked job once the
+    lock's TTL (6 s here) has run out, and it builds."""
+    env = _env(server.url, tmp_path, PFBUILD_LOCK_TTL="6", PFBUILD_VISIBILITY_TIMEOUT="30")
+    w1, w2 = _start(workers, ["p1", "p2"], env, tmp_path)
+    profile = _profile(repo, "sleep 60")
+    with BuildClient(server.url) as client:
+        holder = client.submit({"repo_dir": str(repo), "profile": profile})
+        st = _until(holder, JobState.BUILDING)
+        victim = w1 if str(st.worker).startswith("p1@") else w2
+        forced = client.submit({"repo_dir": str(repo), "profile": profile,
+                                "force_rebuild": True})
+        _until(forced, JobState.WAITING_FOR_LOCK, within=60)
+        victim.kill()
+        killed = time.monotonic()
+        while (fst := forced.status()).state is JobState.WAITING_FOR_LOCK:
+            assert time.monotonic() - killed < 60, fst
+            time.sleep(0.2)
+        woken = time.monotonic() - killed
+        answer = forced.result(timeout=600)
+        first = holder.result(timeout=600)
+    cleanup_images.append(answer.image_tag)
+    print(f"\nparked on a dead holder's lock: woken {woken:.1f}s after the kill (lock TTL "
+          f"6 s, sweep every 2 s); forced job {answer.cache_source}; the holder's job came "
+          f"back and answered from {first.cache_source}")
+    assert answer.cache_source == "built" and woken < 6 + 2 + 5
