@@ -62,10 +62,15 @@ class WaitList:
         self.profile_id = profile_id
         self.key = Keys.waiters(profile_id)
 
-    def park(self, job_id: str, kwargs: dict[str, Any], beat_token: str) -> bool:
+    def park(
+        self, job_id: str, kwargs: dict[str, Any], beat_token: str, queue: str | None = None
+    ) -> bool:
         """Park the job if the lock is still held (and drop its heartbeat); False if the
-        lock was freed meanwhile: then take it instead."""
-        entry = json.dumps({"kwargs": kwargs, "parked": uuid.uuid4().hex, "at": time.time()})
+        lock was freed meanwhile: then take it instead. ``queue``: where it came from, and
+        where a wake-up sends it again."""
+        entry = json.dumps(
+            {"kwargs": kwargs, "queue": queue, "parked": uuid.uuid4().hex, "at": time.time()}
+        )
         keys = [Keys.lock(self.profile_id), self.key, Keys.waiting(), Keys.alive(job_id)]
         return bool(self.client.eval(_PARK, 4, *keys, job_id, entry, self.profile_id,
                                      beat_token))
@@ -80,7 +85,9 @@ class WaitList:
                 since = parked["kwargs"].get("lock_wait_since") or parked["at"]
                 if only_parked_before is not None and since >= only_parked_before:
                     continue
-                self.app.send_task(TASK_NAME, kwargs=parked["kwargs"], task_id=job_id)
+                self.app.send_task(
+                    TASK_NAME, kwargs=parked["kwargs"], task_id=job_id, queue=parked.get("queue")
+                )
             except (ValueError, LookupError, TypeError):
                 log.warning("dropping an unreadable wait-list entry of job %s", job_id)
             self.client.eval(_UNPARK, 2, self.key, Keys.waiting(), job_id, entry, self.profile_id)

@@ -223,7 +223,8 @@ class _Job:
         # no beat while parking: the park drops the heartbeat with it, so a copy sent by
         # a wake-up at once never finds this delivery's beat and steps aside for it
         self.beat.pause()
-        if waits.park(self.id, {**self.kwargs, "lock_wait_since": since}, self.beat.token):
+        queue = (self.task.request.delivery_info or {}).get("routing_key")
+        if waits.park(self.id, {**self.kwargs, "lock_wait_since": since}, self.beat.token, queue):
             raise Ignore()
         self.beat.resume()
 
