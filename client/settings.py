@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -141,6 +142,43 @@ class Settings(BaseSettings):
         description="Names this worker's Docker host in answers and in the host registry.",
     )
     docker_timeout: int = Field(default=600, description="Seconds for one engine API call.")
+
+    # --- operating the farm (metrics, logs, garbage collection) --------------------------
+    metrics_port: int = Field(
+        default=9808,
+        description="Port of the worker's Prometheus endpoint (/metrics). 0: none. Two "
+        "workers on one machine need two ports.",
+    )
+    metrics_dir: Path | None = Field(
+        default=None,
+        description="prometheus_client's multiprocess folder (emptied when the worker "
+        "starts). Default: a fresh folder under the system's temp dir.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="How the worker logs each job's stage changes: text, or one JSON "
+        "object a line (`pfbuild worker --log-format json`).",
+    )
+    gc_interval_seconds: float = Field(
+        default=600.0,
+        description="How often each worker collects garbage on its host. 0: never (run "
+        "`pfbuild gc` yourself).",
+    )
+    gc_max_images: int = Field(
+        default=50,
+        description="Images of profiles a host keeps; beyond it the least recently used "
+        "go first. 0: no limit. Dangling images left by rebuilds are always collected.",
+    )
+    gc_max_tarball_bytes: int = Field(
+        default=50 * 2**30,
+        description="Bytes each tarball cache folder may hold; beyond it the least "
+        "recently used tarballs go first. 0: no limit.",
+    )
+    gc_cache_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Tarball cache folders to collect besides {tmp_dir}/image-cache "
+        "(JSON list): the `image_cache_dir` agents send.",
+    )
 
     @property
     def visibility_timeout(self) -> int:

@@ -11,6 +11,7 @@ from celery import Celery
 from pfbuild.client.errors import QueueUnavailable
 from pfbuild.client.queue import make_celery
 from pfbuild.client.settings import Settings
+from pfbuild.worker.ops import install as install_ops
 from pfbuild.worker.tasks import register
 
 __all__ = ["configure_worker", "create_app"]
@@ -65,4 +66,5 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     app = make_celery(settings, url, name="pfbuild.worker")
     configure_worker(app, settings)
     register(app, settings)
+    install_ops(app, settings)  # metrics, farm state, stage logs, periodic gc
     return app
