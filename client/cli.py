@@ -32,6 +32,7 @@ from pfbuild.client.jobs import BuildClient, BuildJob
 from pfbuild.client.models import BuildAnswer, BuildRequest
 from pfbuild.client.profile import validate_request
 from pfbuild.client.settings import Settings
+from pfbuild.client.top import top
 
 __all__ = [
     "Extensions",
@@ -253,6 +254,9 @@ def cancel(ctx: typer.Context, job_id: str) -> None:
         return {"job_id": job_id, "cancelled": True}
 
     _on_job(ctx, job_id, cancel_job)
+
+
+app.command()(top)
 
 
 def _load_extensions() -> None:

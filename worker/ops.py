@@ -131,6 +131,7 @@ class _Hooks:
         if self.ours(sender):
             m.metrics().jobs.labels("cancelled", "none").inc()
             job_id = str(getattr(request, "id", ""))
+            self.state.ended(job_id)  # a terminated job's process ran no postrun
             oplog.log_stage(
                 job_id,
                 _profile(getattr(request, "kwargs", None)),
