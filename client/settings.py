@@ -169,6 +169,12 @@ class Settings(BaseSettings):
         description="Images of profiles a host keeps; beyond it the least recently used "
         "go first. 0: no limit. Dangling images left by rebuilds are always collected.",
     )
+    gc_dangling_grace_seconds: float = Field(
+        default=3600.0,
+        description="A dangling image (left untagged by a rebuild) stays this long after "
+        "its profile's last use: an agent may still run its gates on the image_id it was "
+        "answered.",
+    )
     gc_max_tarball_bytes: int = Field(
         default=50 * 2**30,
         description="Bytes each tarball cache folder may hold; beyond it the least "

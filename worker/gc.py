@@ -166,14 +166,16 @@ class Collector:
         result.max_images = self.settings.gc_max_images
         over = len(tagged) - result.max_images if result.max_images > 0 else 0
         evict = []
+        recent = time.time() - self.settings.gc_dangling_grace_seconds
         for item in [*sorted(dangling, key=_lru), *sorted(tagged, key=_lru)]:
             if item.kind == "image" and over <= 0:
                 break
-            item.kept = (
-                "a container uses it"
-                if item.image_id in in_use
-                else busy.get(item.profile_id or "")
-            )
+            item.kept = busy.get(item.profile_id or "")
+            if item.image_id in in_use:
+                item.kept = "a container uses it"
+            elif item.kind == "dangling" and item.last_used > recent:
+                # an agent may still run its gates on the image_id it was answered
+                item.kept = item.kept or "its profile was used within the grace period"
             if item.kept:
                 result.kept.append(item)
                 continue
@@ -288,13 +290,11 @@ class PeriodicGc:
 
     def _loop(self) -> None:
         interval = self.settings.gc_interval_seconds
-        while not self.stopped.wait(min(interval, 30.0)):
+        while not self.stopped.wait(interval):
             try:
                 self.once(interval)
             except Exception:  # the worker must outlive a failed collection
                 log.exception("garbage collection failed")
-            if self.stopped.wait(max(0.0, interval - 30.0)):
-                return
 
     def once(self, interval: float) -> GcResult | None:
         from pfbuild.worker.engine import engine_from_settings

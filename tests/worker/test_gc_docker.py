@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.docker]
 def gc_settings(tmp_path: Path) -> Settings:
     # a repository of its own: this test's collections see no one else's images
     return Settings(tmp_dir=tmp_path / "pf-tmp", host_id=f"gc-{uuid.uuid4().hex[:8]}",
-                    image_repository=f"pfgctest{uuid.uuid4().hex[:10]}", gc_max_images=3)
+                    image_repository=f"pfgctest{uuid.uuid4().hex[:10]}", gc_max_images=3,
+                    gc_dangling_grace_seconds=0)
 
 
 @pytest.fixture
@@ -104,6 +105,11 @@ def test_what_a_container_or_a_lock_holds_stays_and_dangling_images_go(
     r.set(Keys.lock("p1"), "someone")
     r.hset(Keys.running(), "job-x", json.dumps({"profile_id": "other"}))
 
+    graced = gc_settings.model_copy(update={"gc_dangling_grace_seconds": 3600})
+    dry = Collector(api, graced, r).run(dry_run=True)
+    assert ("dangling", "p3", "its profile was used within the grace period") in [
+        (i.kind, i.profile_id, i.kept) for i in dry.kept]
+
     result = Collector(api, gc_settings, r).run()
     removed = [(i.kind, i.profile_id) for i in result.removed]
     kept = {i.profile_id: i.kept for i in result.kept}
@@ -149,3 +155,21 @@ def test_tarballs_are_collected_least_recently_used_first(tmp_path: Path, url: s
     assert sorted(p.name for p in cache.glob("*.tar.zst")) == ["a.tar.zst", "d.tar.zst"]
     assert not (cache / "b.tar.zst.sha256").exists()
     assert [i.kept for i in result.kept] == ["its profile is locked"]
+
+
+def test_pfbuild_gc_dry_run_json(api, gc_settings: Settings, tmp_path: Path, monkeypatch,
+                                 capsys) -> None:
+    from pfbuild.client.cli import main
+
+    for p in ("p0", "p1"):
+        _build(api, gc_settings, p)
+        time.sleep(1.1)  # no uses recorded (no Redis): creation times order them
+    monkeypatch.delenv("PFBUILD_REDIS_URL", raising=False)
+    monkeypatch.setenv("PFBUILD_IMAGE_REPOSITORY", gc_settings.image_repository)
+    monkeypatch.setenv("PFBUILD_GC_MAX_IMAGES", "1")
+    monkeypatch.setenv("PFBUILD_TMP_DIR", str(tmp_path / "pf"))
+    assert main(["gc", "--dry-run", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dry_run"] is True and out["images"] == 2
+    assert [i["profile_id"] for i in out["removed"]] == ["p0"]
+    assert _tags(api, gc_settings) == {"p0", "p1"}
