@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from typing import Any
 
 import redis
 
@@ -29,7 +30,7 @@ def _sample(name: str, **labels: str) -> float:
     return reg.get_sample_value(name, labels) or 0.0
 
 
-def _answer() -> dict:
+def _answer() -> dict[str, Any]:
     return {
         "profile_id": "p1", "cache_source": "built",
         "timings": {"queue_wait": 0.5, "build": 12.0, "load": 0.0, "total": 13.0},
