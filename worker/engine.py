@@ -19,7 +19,15 @@ import requests.exceptions
 
 from pfbuild.client.errors import EngineUnavailable, PfbuildError
 
-__all__ = ["BuildOutcome", "DockerEngine", "Engine", "ImageInfo", "LoadFailed", "parse_step"]
+__all__ = [
+    "BuildOutcome",
+    "DockerEngine",
+    "Engine",
+    "ImageInfo",
+    "LoadFailed",
+    "RegistryFailed",
+    "parse_step",
+]
 
 _STEP_RE = re.compile(r"^Step (\d+)/(\d+) :")
 
@@ -32,6 +40,11 @@ def parse_step(line: str) -> tuple[int, int] | None:
 
 class LoadFailed(Exception):
     """The engine refused a tarball (internal to the cache stage)."""
+
+
+class RegistryFailed(Exception):
+    """A push or pull failed for another reason than a missing image (internal to the
+    registry tier, which falls back to the next tier rather than failing the build)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,18 @@ class Engine(Protocol):
 
     def remove(self, tag: str) -> None:
         """Untag ``tag`` (and drop its layers if no other tag holds them)."""
+
+    def tag(self, source: str, target: str) -> None:
+        """Give the image ``source`` the tag ``target`` too (``repo:tag`` form)."""
+
+    def push(self, ref: str) -> str:
+        """Push ``ref`` (``registry/repo:tag``) and return its manifest digest."""
+
+    def pull(self, ref: str) -> str | None:
+        """Pull ``ref``; its manifest digest, or None when the registry has no such image."""
+
+    def tags(self, repository: str) -> list[str]:
+        """Every ``repo:tag`` this engine holds under ``{repository}/``."""
 
 
 _UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
@@ -200,3 +225,62 @@ class DockerEngine:
     def remove(self, tag: str) -> None:
         with contextlib.suppress(docker.errors.ImageNotFound):
             self.api.remove_image(tag, force=True)
+
+    def tag(self, source: str, target: str) -> None:
+        repo, _, tag = target.rpartition(":")
+        try:
+            self.api.tag(source, repo, tag, force=True)
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(f"Docker engine at {self.host} failed to tag: {exc}") from None
+
+    def push(self, ref: str) -> str:
+        repo, _, tag = ref.rpartition(":")
+        digest: str | None = None
+        try:
+            for item in self.api.push(repo, tag=tag, stream=True, decode=True):
+                if "error" in item:
+                    raise RegistryFailed(str(item["error"]).strip())
+                aux = item.get("aux")
+                if isinstance(aux, dict) and "Digest" in aux:
+                    digest = str(aux["Digest"])
+        except docker.errors.APIError as exc:
+            raise RegistryFailed(str(exc.explanation or exc)) from None
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(f"Docker engine at {self.host} failed to push: {exc}") from None
+        if digest is None:
+            raise RegistryFailed(f"the engine pushed {ref} but reported no digest")
+        return digest
+
+    def pull(self, ref: str) -> str | None:
+        repo, _, tag = ref.rpartition(":")
+        digest: str | None = None
+        try:
+            for item in self.api.pull(repo, tag=tag, stream=True, decode=True):
+                if "error" in item:
+                    raise RegistryFailed(str(item["error"]).strip())
+                status = str(item.get("status", ""))
+                if status.startswith("Digest: "):
+                    digest = status.removeprefix("Digest: ").strip()
+        except docker.errors.NotFound:
+            return None  # the registry answered: it has no such image
+        except docker.errors.APIError as exc:
+            raise RegistryFailed(str(exc.explanation or exc)) from None
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(f"Docker engine at {self.host} failed to pull: {exc}") from None
+        if digest is None:  # an engine that does not say it: ask the image
+            info: dict[str, Any] = self.api.inspect_image(ref)
+            for repo_digest in info.get("RepoDigests") or []:
+                if str(repo_digest).startswith(repo + "@"):
+                    digest = str(repo_digest).partition("@")[2]
+        return digest or "unknown"
+
+    def tags(self, repository: str) -> list[str]:
+        try:
+            images: list[dict[str, Any]] = self.api.images(filters={"reference": f"{repository}/*"})
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(
+                f"Docker engine at {self.host} stopped answering: {exc}"
+            ) from None
+        return sorted(
+            str(t) for image in images for t in image.get("RepoTags") or [] if t != "<none>:<none>"
+        )
