@@ -23,11 +23,12 @@ __all__ = [
     "FailureClass",
     "FailureInfo",
     "Manifest",
+    "RegistryInfo",
     "TarballInfo",
     "Timings",
 ]
 
-CacheSource = Literal["local", "tarball", "built"]
+CacheSource = Literal["local", "registry", "tarball", "built"]
 
 
 class FailureClass(str, Enum):
@@ -107,6 +108,8 @@ class Timings(BaseModel):
     load: float = 0.0
     build: float = 0.0
     save: float = 0.0
+    pull: float = 0.0
+    push: float = 0.0
     total: float = 0.0
 
 
@@ -117,6 +120,13 @@ class TarballInfo(BaseModel):
     sha256: str | None = None
     size: int
     compression: Literal["zstd", "gzip", "none"]
+
+
+class RegistryInfo(BaseModel):
+    """The registry image the image was pulled from or pushed to."""
+
+    reference: str
+    digest: str
 
 
 class Manifest(BaseModel):
@@ -134,6 +144,7 @@ class Manifest(BaseModel):
     force_rebuild: bool
     attempts: list[Attempt]
     tarball: TarballInfo | None = None
+    registry: RegistryInfo | None = None
     worker: str
     docker_host: str
     created_at: str

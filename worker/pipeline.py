@@ -33,11 +33,12 @@ from pfbuild.client.models import (
     BuildRequest,
     CacheSource,
     Manifest,
+    RegistryInfo,
     TarballInfo,
     Timings,
 )
 from pfbuild.client.settings import Settings
-from pfbuild.worker import cache, failures
+from pfbuild.worker import cache, failures, registry
 from pfbuild.worker.artifacts import atomic_file, atomic_write_text, exclusive_lock
 from pfbuild.worker.context import DOCKERFILE_IN_CONTEXT, make_context
 from pfbuild.worker.engine import BuildOutcome, Engine, parse_step
@@ -182,6 +183,14 @@ def _pipeline(run: _Run, started: float) -> BuildAnswer:
         if not request.force_rebuild:
             image = engine.inspect(run.tag)
             source = "local" if image else None
+    # the registry tier (PFBUILD_REGISTRY): after the engine, before the tarball
+    in_registry: RegistryInfo | None = None
+    if source is None and not request.force_rebuild and settings.registry:
+        with run.stage("pulling_image", "pull"):
+            in_registry = registry.fetch(engine, settings, job.profile.profile_id, run.events)
+        if in_registry is not None:
+            image = engine.inspect(run.tag)
+            source = "registry"
     if source is None and not request.force_rebuild:
         found = cache.find_tarball(job.cache_dir, job.profile.profile_id)
         if found is not None:
@@ -201,16 +210,21 @@ def _pipeline(run: _Run, started: float) -> BuildAnswer:
             variant = _build_with_ladder(run, log_path)
         image = engine.inspect(run.tag)
         source = "built"
-        with run.stage("saving_tarball", "save"):
-            tarball = cache.save_tarball(
-                engine,
-                run.tag,
-                job.cache_dir,
-                job.profile.profile_id,
-                level=settings.zstd_level,
-                threads=settings.zstd_threads,
-                before_commit=guard,
-            )
+        if settings.tarball_cache or not settings.registry:
+            with run.stage("saving_tarball", "save"):
+                tarball = cache.save_tarball(
+                    engine,
+                    run.tag,
+                    job.cache_dir,
+                    job.profile.profile_id,
+                    level=settings.zstd_level,
+                    threads=settings.zstd_threads,
+                    before_commit=guard,
+                )
+        if settings.registry:
+            guard()  # a run that lost its lock publishes nothing
+            with run.stage("pushing_image", "push"):
+                in_registry = registry.publish(engine, settings, job.profile.profile_id, run.events)
     if image is None:
         raise PfbuildError(f"{run.tag} vanished from the engine right after it was made")
     variant_name = image.labels.get(LABEL_VARIANT, "standard")
@@ -239,6 +253,7 @@ def _pipeline(run: _Run, started: float) -> BuildAnswer:
         force_rebuild=request.force_rebuild,
         attempts=run.attempts,
         tarball=tarball,
+        registry=in_registry,
         worker=run.worker,
         docker_host=settings.host_id,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
