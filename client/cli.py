@@ -288,6 +288,47 @@ def worker(
     create_app(settings).worker_main(argv)
 
 
+@app.command()
+def hosts(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """List the farm's hosts: liveness, running jobs and the images each engine holds."""
+    import redis
+
+    from pfbuild.client.errors import QueueUnavailable
+    from pfbuild.client.hosts import list_hosts
+
+    settings = Settings()
+    try:
+        if not settings.redis_url:
+            raise QueueUnavailable("set PFBUILD_REDIS_URL to the farm's Redis")
+        try:
+            found = list_hosts(redis.Redis.from_url(settings.redis_url))
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"cannot reach Redis: {exc}") from None
+    except PfbuildError as exc:
+        raise _fail(exc) from None
+    if as_json or not sys.stdout.isatty():
+        _emit({"hosts": [h.model_dump(mode="json") for h in found]})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="pfbuild hosts")
+    for col in ("host", "alive", "seen (s ago)", "docker host", "running", "images"):
+        table.add_column(col)
+    for h in found:
+        table.add_row(
+            h.host_id,
+            "yes" if h.alive else "DEAD",
+            str(h.seconds_since_seen),
+            h.docker_host or "",
+            f"{len(h.running)}/{h.concurrency}",
+            str(len(h.images)),
+        )
+    Console().print(table)
+
+
 bench_app = typer.Typer(help="Benchmarks that print ratios measured side by side.")
 app.add_typer(bench_app, name="bench")
 

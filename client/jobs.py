@@ -26,6 +26,7 @@ from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 
 from pfbuild.client.errors import JobCancelled, JobTimeout, PfbuildError, QueueUnavailable
+from pfbuild.client.hosts import choose_queue
 from pfbuild.client.models import BuildAnswer, BuildRequest
 from pfbuild.client.profile import load_profile_file, parse_profile, validate_request
 from pfbuild.client.queue import (
@@ -266,6 +267,8 @@ class BuildClient:
                     "submitted_at": time.time(),
                 },
                 task_id=job_id,
+                # to a live host that holds the image, if any (client/hosts.py)
+                queue=choose_queue(self.redis, self.settings, req, profile_id),
             )
         except Exception as exc:
             delete_if_value(self.redis, key, job_id)  # nobody may join a job never sent

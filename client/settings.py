@@ -107,6 +107,23 @@ class Settings(BaseSettings):
     )
     docker_timeout: int = Field(default=600, description="Seconds for one engine API call.")
 
+    # --- many hosts --------------------------------------------------------------------
+    heartbeat_seconds: float = Field(
+        default=5.0,
+        description="How often a worker renews its host's heartbeat in Redis and re-reads "
+        "which profiles' images its engine holds.",
+    )
+    host_ttl: int = Field(
+        default=20,
+        description="Seconds a host's heartbeat lives: a host silent this long is dead, its "
+        "queue's jobs go back to the shared queue and no request is routed to it.",
+    )
+    routing: bool = Field(
+        default=True,
+        description="Send each request to a live host that holds its image (else the host "
+        "its base image hashes to, else the shared queue). Off: the shared queue only.",
+    )
+
     @property
     def visibility_timeout(self) -> int:
         """Longer than the hard limit: Redis redelivers an unacked task after this long,

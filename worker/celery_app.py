@@ -6,6 +6,7 @@ from celery import Celery
 
 from pfbuild.client.queue import make_celery
 from pfbuild.client.settings import Settings
+from pfbuild.worker.hosts import install as install_host
 from pfbuild.worker.tasks import register
 
 __all__ = ["create_app"]
@@ -16,4 +17,5 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     settings = settings or Settings()
     app = make_celery(settings, redis_url, name="pfbuild.worker")
     register(app, settings)
+    install_host(app, settings)  # its own queue, heartbeat and images held, in Redis
     return app
