@@ -49,6 +49,11 @@ class HostKeys:
         return f"pfbuild:host:{host_id}:images"
 
     @staticmethod
+    def last_seen(host_id: str) -> str:
+        """When the host last beat (no TTL: it outlives the heartbeat)."""
+        return f"pfbuild:host:{host_id}:last_seen"
+
+    @staticmethod
     def jobs(host_id: str) -> str:
         return f"pfbuild:host:{host_id}:jobs"
 

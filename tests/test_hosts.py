@@ -80,14 +80,19 @@ def test_a_dead_hosts_waiting_and_taken_jobs_go_to_the_shared_queue(r: Any) -> N
     for job in ("j1", "j2"):
         r.lpush(dead, json.dumps(_message(job, dead)))
     r.hset("unacked", "t3", json.dumps([_message("j3", dead), dead, dead]))
-    r.zadd("unacked_index", {"t3": 1.0})
+    r.set(HostKeys.last_seen("b"), 100.0)
+    r.zadd("unacked_index", {"t3": 99.0, "t5": 200.0})
+    # taken after b went silent: a live host's delivery, left alone
+    r.hset("unacked", "t5", json.dumps([_message("j5", dead), dead, dead]))
     r.hset("unacked", "t4", json.dumps([_message("j4", "pfbuild"), "pfbuild", "pfbuild"]))
     r.hset(HostKeys.jobs("b"), "j3", "p")
     assert rescue(r, "b") == 3
     moved = [json.loads(m) for m in r.lrange("pfbuild", 0, -1)]
     assert sorted(m["headers"]["id"] for m in moved) == ["j1", "j2", "j3"]
-    assert all(m["properties"]["delivery_info"]["routing_key"] == "pfbuild" for m in moved)
-    assert r.llen(dead) == 0 and r.hkeys("unacked") == [b"t4"] and r.zcard("unacked_index") == 0
+    assert all(m["properties"]["delivery_info"] == {"exchange": "", "routing_key": "pfbuild"}
+               for m in moved)
+    assert r.llen(dead) == 0 and sorted(r.hkeys("unacked")) == [b"t4", b"t5"]
+    assert r.zcard("unacked_index") == 1
     assert not r.exists(HostKeys.jobs("b"))
     assert rescue(r, "b") == 0
 

@@ -46,22 +46,28 @@ _UNACKED_INDEX = "unacked_index"
 
 
 def _retarget(raw: bytes | str) -> str:
-    """A message as it should sit in the shared queue (so that a later redelivery of it
-    goes there too, not back to the dead host's queue)."""
+    """A message as it should sit in the shared queue, so that a lock retry or a later
+    redelivery of it goes there too, not back to the dead host's queue. The exchange must
+    stay the anonymous one: with a named exchange, each lock retry of the job was
+    published more than once, and the copies multiplied."""
     payload: dict[str, Any] = json.loads(raw)
     info = payload.setdefault("properties", {}).setdefault("delivery_info", {})
-    info.update(exchange=QUEUE, routing_key=QUEUE)
+    info.update(exchange="", routing_key=QUEUE)  # as kombu sends to a named queue
     payload.setdefault("headers", {})["redelivered"] = True
     return json.dumps(payload)
 
 
-def rescue(client: redis.Redis, dead_host: str) -> int:
+def rescue(client: redis.Redis, dead_host: str, grace: float = 5.0) -> int:
     """Move the jobs of ``dead_host``'s queue, waiting or taken, to the shared queue.
 
+    Taken jobs are the unacked messages of its queue delivered before it went silent
+    (its last beat + ``grace``): one delivered later is a live host's, running it now.
     Each message moves in one transaction (WATCH/MULTI), so two live hosts rescuing at
     once move it once, and a crash mid-way loses nothing. Returns how many moved.
     """
     queue, moved = host_queue(dead_host), 0
+    last_seen = client.get(HostKeys.last_seen(dead_host))
+    cutoff = float(last_seen) + grace if last_seen is not None else None
     while True:
         with client.pipeline() as pipe:
             try:
@@ -78,7 +84,10 @@ def rescue(client: redis.Redis, dead_host: str) -> int:
                 continue
     for tag, entry in client.hscan_iter(_UNACKED):
         message, _exchange, routing_key = json.loads(entry)
-        if routing_key != queue:
+        if routing_key != queue or cutoff is None:
+            continue
+        delivered = client.zscore(_UNACKED_INDEX, tag)
+        if delivered is None or delivered > cutoff:
             continue
         with client.pipeline() as pipe:
             try:
@@ -157,11 +166,13 @@ class HostAgent:
     def beat(self) -> None:
         held = self.held_profiles() if self.engine().ping() else set()
         key = HostKeys.images(self.host_id)
+        now = time.time()
         pipe = self.client.pipeline(transaction=True)
         pipe.sadd(HOSTS, self.host_id)
+        pipe.set(HostKeys.last_seen(self.host_id), now)
         pipe.set(
             HostKeys.heartbeat(self.host_id),
-            json.dumps({**self.info, "last_seen": time.time()}),
+            json.dumps({**self.info, "last_seen": now}),
             ex=self.settings.host_ttl,
         )
         pipe.delete(key)
@@ -173,7 +184,7 @@ class HostAgent:
         for host in list_hosts(self.client, with_images=False):
             if host.alive or host.host_id == self.host_id:
                 continue
-            moved = rescue(self.client, host.host_id)
+            moved = rescue(self.client, host.host_id, grace=self.settings.heartbeat_seconds)
             if moved:
                 log.warning("host %s is dead: moved %d job(s) to %s", host.host_id, moved, QUEUE)
 
