@@ -75,11 +75,13 @@ class HostInfo(BaseModel):
     last_seen: float | None = None
     seconds_since_seen: float | None = None
     running: dict[str, str] = Field(default_factory=dict)
+    queued: int = 0
     images: list[str] = Field(default_factory=list)
 
     @property
     def busy(self) -> bool:
-        return self.concurrency > 0 and len(self.running) >= self.concurrency
+        """Every slot taken by jobs running or already waiting in its own queue."""
+        return self.concurrency > 0 and len(self.running) + self.queued >= self.concurrency
 
 
 def _text(value: Any) -> str:
@@ -95,15 +97,16 @@ def list_hosts(client: redis.Redis, *, with_images: bool = True) -> list[HostInf
     for host_id in ids:
         pipe.get(HostKeys.heartbeat(host_id))
         pipe.hgetall(HostKeys.jobs(host_id))
+        pipe.llen(host_queue(host_id))
         if with_images:
             pipe.smembers(HostKeys.images(host_id))
     replies = pipe.execute()
-    step = 3 if with_images else 2
+    step = 4 if with_images else 3
     now = time.time()
     hosts = []
     for i, host_id in enumerate(ids):
-        beat, jobs = replies[i * step], replies[i * step + 1]
-        images = replies[i * step + 2] if with_images else set()
+        beat, jobs, queued = replies[i * step : i * step + 3]
+        images = replies[i * step + 3] if with_images else set()
         info: dict[str, Any] = json.loads(beat) if beat else {}
         last = info.get("last_seen")
         hosts.append(
@@ -117,6 +120,7 @@ def list_hosts(client: redis.Redis, *, with_images: bool = True) -> list[HostInf
                 last_seen=last,
                 seconds_since_seen=round(now - last, 1) if last else None,
                 running={_text(k): _text(v) for k, v in jobs.items()},
+                queued=int(queued),
                 images=sorted(_text(p) for p in images),
             )
         )

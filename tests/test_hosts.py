@@ -107,3 +107,26 @@ def test_live_agents_rescue_only_dead_hosts(r: Any) -> None:
     r.delete(HostKeys.heartbeat("b"))
     a.rescue_dead()
     assert r.llen(host_queue("b")) == 0 and r.llen("pfbuild") == 1
+
+
+def test_pfbuild_hosts_prints_json(url: str, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import redis
+
+    from pfbuild.client.cli import main
+
+    client = redis.Redis.from_url(url)
+    _agent(client, "a", "patchfoundry/p1:latest").beat()
+    client.hset(HostKeys.jobs("a"), "job1", "p2")
+    monkeypatch.setenv("PFBUILD_REDIS_URL", url)
+    assert main(["hosts", "--json"]) == 0
+    (host,) = json.loads(capsys.readouterr().out)["hosts"]
+    assert host["host_id"] == "a" and host["alive"] and host["images"] == ["p1"]
+    assert host["running"] == {"job1": "p2"} and host["concurrency"] == 2
+
+
+def test_jobs_waiting_in_a_hosts_queue_count_as_busy(r: Any) -> None:
+    _agent(r, "a", "patchfoundry/p1:latest", concurrency=1).beat()
+    assert choose_queue(r, Settings(), _req(), "p1") == host_queue("a")
+    r.lpush(host_queue("a"), "{}")  # one job already waits there
+    assert choose_queue(r, Settings(), _req(), "p1") == "pfbuild"
