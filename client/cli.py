@@ -396,6 +396,32 @@ def bench_queue(
     Console(width=200).print(table)
 
 
+@bench_app.command("hosts")
+def bench_hosts(
+    host_b: Annotated[str, typer.Option(help="The second engine (DOCKER_HOST syntax).")],
+    registry: Annotated[
+        str | None, typer.Option(help="host:port of the registry (default PFBUILD_REGISTRY).")
+    ] = None,
+    repo: Annotated[Path, typer.Option(help="Repository with a repo_profile.json.")] = Path(
+        "examples/hello"
+    ),
+    profiles: Annotated[int, typer.Option(help="Distinct profiles.")] = 20,
+    submits: Annotated[int, typer.Option(help="Submits of each profile.")] = 10,
+) -> None:
+    """Two engines, a registry: builds per profile, hits on a holder, registry vs tarball."""
+    from pfbuild.worker.hostbench import hosts_bench
+
+    settings = Settings()
+    registry = registry or settings.registry
+    if not registry:
+        raise _fail(BadRequest("give --registry or set PFBUILD_REGISTRY"))
+    settings = settings.model_copy(update={"registry": registry})
+    result = hosts_bench(
+        settings, repo, host_b=host_b, registry=registry, profiles=profiles, submits=submits
+    )
+    _emit({"benchmark": "hosts", **result})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code instead of calling ``sys.exit`` itself."""
     try:
