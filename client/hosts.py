@@ -54,6 +54,11 @@ class HostKeys:
         return f"pfbuild:host:{host_id}:last_seen"
 
     @staticmethod
+    def routed(host_id: str) -> str:
+        """Jobs routed to the host in the last few seconds (submits race each other)."""
+        return f"pfbuild:host:{host_id}:routed"
+
+    @staticmethod
     def jobs(host_id: str) -> str:
         return f"pfbuild:host:{host_id}:jobs"
 
@@ -150,14 +155,32 @@ def choose_queue(
     except redis.RedisError:
         return QUEUE
     if holders:
+        # any host when every holder is busy: a pull from the registry beats waiting
         free = [h for h in holders if not h.busy]
-        if not free:
-            return QUEUE  # any host: a pull from the registry beats waiting
-        return host_queue(min(free, key=lambda h: len(h.running)).host_id)
+        return _claim(client, min(free, key=lambda h: len(h.running))) if free else QUEUE
     base = QUEUE
     if request.profile is not None:
         base = settings.base_image(parse_profile(request.profile).python_version)
     chosen = _rendezvous(base, sorted(h.host_id for h in live))
-    if next(h for h in live if h.host_id == chosen).busy:
+    host = next(h for h in live if h.host_id == chosen)
+    return QUEUE if host.busy else _claim(client, host)
+
+
+_ROUTED_WINDOW = 3  # seconds a routing decision counts against a host's free slots
+
+
+def _claim(client: redis.Redis, host: HostInfo) -> str:
+    """The host's queue if a slot is still free counting the jobs routed there in the
+    last seconds: many agents submitting at once all read the host idle, and would
+    otherwise all be sent to it."""
+    try:
+        pipe = client.pipeline(transaction=True)
+        pipe.incr(HostKeys.routed(host.host_id))
+        pipe.expire(HostKeys.routed(host.host_id), _ROUTED_WINDOW)
+        recent = int(pipe.execute()[0]) - 1
+    except redis.RedisError:
         return QUEUE
-    return host_queue(chosen)
+    taken = len(host.running) + max(host.queued, recent)
+    if host.concurrency and taken >= host.concurrency:
+        return QUEUE
+    return host_queue(host.host_id)

@@ -54,17 +54,22 @@ def test_routing_prefers_a_live_holder_then_the_rendezvous_host(r: Any) -> None:
     _agent(r, "a").beat()
     _agent(r, "b", "patchfoundry/p1:latest").beat()
     assert choose_queue(r, settings, _req(), "p1") == host_queue("b")
+
+    def route(profile_id: str) -> str:
+        r.delete(HostKeys.routed("a"), HostKeys.routed("b"))  # as if submitted apart
+        return choose_queue(r, settings, _req(), profile_id)
+
     # a new profile: always the same host for one base image
-    first = choose_queue(r, settings, _req(), "new1")
+    first = route("new1")
     assert first in (host_queue("a"), host_queue("b"))
-    assert all(choose_queue(r, settings, _req(), f"new{i}") == first for i in range(10))
+    assert all(route(f"new{i}") == first for i in range(10))
     # the holder is busy: any host (the shared queue)
     r.hset(HostKeys.jobs("b"), mapping={"j1": "x", "j2": "y"})
-    assert choose_queue(r, settings, _req(), "p1") == "pfbuild"
+    assert route("p1") == "pfbuild"
     # the holder is dead: not routed there
     r.delete(HostKeys.jobs("b"))
     r.delete(HostKeys.heartbeat("b"))
-    assert choose_queue(r, settings, _req(), "p1") == host_queue("a")
+    assert route("p1") == host_queue("a")
     assert choose_queue(r, settings.model_copy(update={"routing": False}), _req(), "p1") == \
         "pfbuild"
 
@@ -130,3 +135,9 @@ def test_jobs_waiting_in_a_hosts_queue_count_as_busy(r: Any) -> None:
     assert choose_queue(r, Settings(), _req(), "p1") == host_queue("a")
     r.lpush(host_queue("a"), "{}")  # one job already waits there
     assert choose_queue(r, Settings(), _req(), "p1") == "pfbuild"
+
+
+def test_agents_submitting_at_once_do_not_all_land_on_one_idle_host(r: Any) -> None:
+    _agent(r, "a", concurrency=2).beat()
+    queues = [choose_queue(r, Settings(), _req(), f"new{i}") for i in range(5)]
+    assert queues == [host_queue("a")] * 2 + ["pfbuild"] * 3
