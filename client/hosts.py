@@ -9,9 +9,10 @@ Every worker's host (``PFBUILD_HOST_ID``) keeps, in Redis:
 - and its id in the set ``pfbuild:hosts``, so that a dead host is still listed.
 
 Each host also consumes a queue of its own, ``pfbuild.host.{id}``. :func:`choose_queue`
-sends a request to a live host that holds its image; a new profile to the host picked by
-rendezvous hashing on its base image (builds of one base land where its layers are); and
-to the shared queue when that host is busy, or when no host is known. A live worker moves
+sends a request to a live host that holds its image (unless builds fill its slots); a
+new profile to the host picked by rendezvous hashing on its base image (builds of one
+base land where its layers are), unless jobs running, queued or just routed there fill
+its slots; else to the shared queue, as when no host is known. A live worker moves
 the jobs of a dead host's queue back to the shared queue (``pfbuild.worker.hosts``).
 
 Readers only: the worker side writes these keys. Imports no docker SDK.
@@ -155,9 +156,10 @@ def choose_queue(
     except redis.RedisError:
         return QUEUE
     if holders:
-        # any host when every holder is busy: a pull from the registry beats waiting
-        free = [h for h in holders if not h.busy]
-        return _claim(client, min(free, key=lambda h: len(h.running))) if free else QUEUE
+        # A hit takes milliseconds, so hits may queue at a holder; but not behind builds
+        # filling its slots: then any host, as a pull from the registry beats waiting.
+        free = [h for h in holders if not h.concurrency or len(h.running) < h.concurrency]
+        return host_queue(min(free, key=lambda h: len(h.running)).host_id) if free else QUEUE
     base = QUEUE
     if request.profile is not None:
         base = settings.base_image(parse_profile(request.profile).python_version)

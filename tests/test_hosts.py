@@ -132,9 +132,9 @@ def test_pfbuild_hosts_prints_json(url: str, monkeypatch: pytest.MonkeyPatch,
 
 def test_jobs_waiting_in_a_hosts_queue_count_as_busy(r: Any) -> None:
     _agent(r, "a", "patchfoundry/p1:latest", concurrency=1).beat()
-    assert choose_queue(r, Settings(), _req(), "p1") == host_queue("a")
     r.lpush(host_queue("a"), "{}")  # one job already waits there
-    assert choose_queue(r, Settings(), _req(), "p1") == "pfbuild"
+    assert choose_queue(r, Settings(), _req(), "new") == "pfbuild"  # a build: elsewhere
+    assert choose_queue(r, Settings(), _req(), "p1") == host_queue("a")  # a hit: there
 
 
 def test_agents_submitting_at_once_do_not_all_land_on_one_idle_host(r: Any) -> None:
