@@ -82,7 +82,7 @@ EOF
   fi
   ip link set "$BRIDGE" up
   for r in "${rules[@]}"; do rule add "$r"; done
-  sysctl -qw net.ipv4.ip_forward=1
+  echo 1 >/proc/sys/net/ipv4/ip_forward  # any dockerd sets it; host B runs without iptables
   if ! hostb_up; then
     mkdir -p "$HOSTB_DIR/data" "$HOSTB_DIR/exec"
     echo "hosts: starting host B's dockerd on $HOSTB_URL (log: $HOSTB_DIR/dockerd.log)"
