@@ -1,12 +1,24 @@
 """Every error pfbuild lets a user see, under one root.
 
-    PfbuildError                    root; carries a stable ``type`` and an exit code
+    PfbuildError                    root, never raised itself: a stable ``type``, an exit code
     ├── BadRequest                  the request or profile is refused; nothing was built
-    │   └── ProfileRefused          the profile asks for something pfbuild will not build
-    ├── EngineUnavailable           no Docker engine answers (or it failed outside a build)
+    │   ├── ProfileRefused          the profile asks for something pfbuild will not build
+    │   ├── InvalidJson             not strict JSON: bad UTF-8, NaN, duplicate keys, too deep
+    │   ├── LimitExceeded           a size, length or count over one of Settings' limits
+    │   └── UnsafePath              a path with NUL or a loop, or not a regular file / folder
+    ├── EngineError                 the Docker engine failed outside a build step
+    │   ├── EngineUnavailable       no Docker engine answers
+    │   ├── ImageLoadFailed         the engine refused an image tarball
+    │   └── BaseImageFailed         the offline base image could not be made
+    ├── TarballRejected             a cached tarball failed its checks and was quarantined
+    ├── StorageError                the worker cannot read or write a build's files
     ├── BuildFailed                 the image build failed; carries a failure class and log
     │   └── BuildTimeout            the build ran past the worker's time limit and was stopped
+    │       └── BuildIdleTimeout    the build printed nothing for PFBUILD_IDLE_TIMEOUT seconds
     ├── LockLost                    a worker lost its profile lock mid-build and stopped
+    ├── LockWaitExceeded            the profile stayed locked by another job for too long
+    ├── DeliveriesExhausted         the job's worker died on every delivery; given up
+    ├── InternalError               a bug in pfbuild; the message names the exception
     ├── QueueUnavailable            the broker / result backend cannot be reached
     ├── JobTimeout                  waiting for a job took longer than asked
     └── JobCancelled                the job was revoked before it finished
@@ -24,16 +36,28 @@ from pfbuild.client.models import ErrorInfo, FailureInfo
 
 __all__ = [
     "BadRequest",
+    "BaseImageFailed",
     "BuildFailed",
+    "BuildIdleTimeout",
     "BuildTimeout",
+    "DeliveriesExhausted",
+    "EngineError",
     "EngineUnavailable",
     "ExitCode",
+    "ImageLoadFailed",
+    "InternalError",
+    "InvalidJson",
     "JobCancelled",
     "JobTimeout",
+    "LimitExceeded",
     "LockLost",
+    "LockWaitExceeded",
     "PfbuildError",
     "ProfileRefused",
     "QueueUnavailable",
+    "StorageError",
+    "TarballRejected",
+    "UnsafePath",
 ]
 
 
@@ -122,11 +146,63 @@ class ProfileRefused(BadRequest):
     type = "profile_refused"
 
 
-class EngineUnavailable(PfbuildError):
-    """The Docker engine cannot be reached, or failed outside of the build itself."""
+class InvalidJson(BadRequest):
+    """Not strict JSON: bad UTF-8, a lone surrogate, NaN, a duplicate key, too deep."""
+
+    type = "invalid_json"
+
+
+class LimitExceeded(BadRequest):
+    """A size, length or count is over a limit in ``Settings``; ``details`` names the setting."""
+
+    type = "limit_exceeded"
+
+
+class UnsafePath(BadRequest):
+    """A path holds NUL or loops, or names something other than a regular file or folder."""
+
+    type = "unsafe_path"
+
+
+class EngineError(PfbuildError):
+    """The Docker engine failed outside of a build step (save, load, inspect)."""
+
+    type = "engine_error"
+    exit_code = ExitCode.ENGINE_UNAVAILABLE
+
+
+class EngineUnavailable(EngineError):
+    """The Docker engine cannot be reached: start dockerd or fix DOCKER_HOST."""
 
     type = "engine_unavailable"
-    exit_code = ExitCode.ENGINE_UNAVAILABLE
+
+
+class ImageLoadFailed(EngineError):
+    """The engine refused an image tarball (``docker load`` failed)."""
+
+    type = "image_load_failed"
+
+
+class BaseImageFailed(EngineError):
+    """The offline base image could not be made (debootstrap or import failed)."""
+
+    type = "base_image_failed"
+
+
+class TarballRejected(PfbuildError):
+    """A cached tarball failed its checksum, its load or its tags; it was quarantined."""
+
+    type = "tarball_rejected"
+
+    @property
+    def moved_to(self) -> str | None:
+        return self.details.get("moved_to")
+
+
+class StorageError(PfbuildError):
+    """The worker cannot read or write the files of a build (disk full, permissions)."""
+
+    type = "storage_error"
 
 
 class BuildFailed(PfbuildError):
@@ -146,6 +222,30 @@ class BuildTimeout(BuildFailed):
     """The build ran past the worker's soft time limit; it was stopped and its lock freed."""
 
     type = "build_timeout"
+
+
+class BuildIdleTimeout(BuildTimeout):
+    """The build printed nothing for ``PFBUILD_IDLE_TIMEOUT`` seconds; it was stopped."""
+
+    type = "build_idle_timeout"
+
+
+class LockWaitExceeded(PfbuildError):
+    """The profile stayed locked by another job past ``PFBUILD_LOCK_WAIT_MAX``."""
+
+    type = "lock_wait_exceeded"
+
+
+class DeliveriesExhausted(PfbuildError):
+    """The job's worker died on each of ``PFBUILD_MAX_DELIVERIES`` starts; given up."""
+
+    type = "deliveries_exhausted"
+
+
+class InternalError(PfbuildError):
+    """A bug in pfbuild: an unexpected exception, named in the message."""
+
+    type = "internal_error"
 
 
 class QueueUnavailable(PfbuildError):
@@ -169,18 +269,11 @@ class JobCancelled(PfbuildError):
     exit_code = ExitCode.CANCELLED
 
 
-_BY_TYPE: dict[str, type[PfbuildError]] = {
-    cls.type: cls
-    for cls in (
-        PfbuildError,
-        BadRequest,
-        ProfileRefused,
-        EngineUnavailable,
-        BuildFailed,
-        BuildTimeout,
-        LockLost,
-        QueueUnavailable,
-        JobTimeout,
-        JobCancelled,
-    )
-}
+def _every_subclass(cls: type[PfbuildError]) -> list[type[PfbuildError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found += _every_subclass(sub)
+    return found
+
+
+_BY_TYPE: dict[str, type[PfbuildError]] = {cls.type: cls for cls in _every_subclass(PfbuildError)}

@@ -25,17 +25,23 @@ import redis
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 
-from pfbuild.client.errors import JobCancelled, JobTimeout, PfbuildError, QueueUnavailable
+from pfbuild.client.errors import (
+    InternalError,
+    JobCancelled,
+    JobTimeout,
+    PfbuildError,
+    QueueUnavailable,
+)
 from pfbuild.client.hosts import choose_queue
-from pfbuild.client.models import BuildAnswer, BuildRequest
+from pfbuild.client.models import BuildAnswer, BuildRequest, JobState
 from pfbuild.client.profile import load_profile_file, parse_profile, validate_request
 from pfbuild.client.queue import (
     TASK_NAME,
-    JobState,
     Keys,
-    delete_if_value,
+    end_flight,
     job_state,
     make_celery,
+    signal_done,
 )
 from pfbuild.client.settings import Settings
 
@@ -71,12 +77,18 @@ class BuildJob:
     """A handle on one job; reads like a ``concurrent.futures.Future``."""
 
     def __init__(
-        self, client: BuildClient, job_id: str, profile_id: str | None = None, joined: bool = False
+        self,
+        client: BuildClient,
+        job_id: str,
+        profile_id: str | None = None,
+        joined: bool = False,
+        flight_key: str | None = None,
     ) -> None:
         self.client = client
         self.id = job_id
         self.profile_id = profile_id
         self.joined = joined  # True when this submit joined a flight already under way
+        self.flight_key = flight_key
 
     def __repr__(self) -> str:
         return f"<BuildJob {self.id} profile={self.profile_id} joined={self.joined}>"
@@ -110,7 +122,7 @@ class BuildJob:
         if state is JobState.FAILURE:
             if isinstance(info, PfbuildError):
                 raise info
-            raise PfbuildError(f"job {self.id} failed: {info!r}")
+            raise InternalError(f"job {self.id} failed: {info!r}")
         if state is JobState.CANCELLED:
             raise JobCancelled(f"job {self.id} was cancelled")
         return None
@@ -118,20 +130,34 @@ class BuildJob:
     def result(self, timeout: float | None = None, poll: float = 0.5) -> BuildAnswer:
         """Wait for the answer; re-raise the worker's structured error on failure.
 
-        Polls every 10 ms at first (a cache hit answers in tens of ms), backing off to
-        every ``poll`` seconds (a build takes minutes): one GET per poll.
+        Between two reads of the result it blocks (at most ``poll`` seconds) on the job's
+        done signal, which the worker pushes once the result is stored: a hit is seen the
+        moment it is stored, with no subscription per job (celery#5320) and no busy loop.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        for delay in _backoff(poll):
+        while True:
             answer = self._outcome()
             if answer is not None:
                 return answer
-            if deadline is not None and time.monotonic() >= deadline:
+            left = poll if deadline is None else min(poll, deadline - time.monotonic())
+            if left <= 0:
                 raise JobTimeout(
                     f"job {self.id} not finished after {timeout}s ({self.status().stage})"
                 )
-            time.sleep(delay)
-        raise AssertionError("unreachable")
+            self._await_done(left)
+
+    def _await_done(self, seconds: float) -> None:
+        """Block until the job's done signal, or ``seconds``; the signal stays for others."""
+        key = Keys.done(self.id)
+        try:
+            # moving the one element from the list to itself wakes every waiter in turn
+            # Redis takes fractional seconds here (since 6.0); redis-py's stub says int
+            timeout: Any = max(seconds, 0.01)
+            self.client.redis.blmove(key, key, timeout, "LEFT", "RIGHT")
+        except redis.ResponseError:  # a server without BLMOVE: plain polling
+            time.sleep(min(seconds, 0.05))
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"cannot read job {self.id}: {exc}") from None
 
     wait = result
 
@@ -178,11 +204,9 @@ class BuildJob:
             self.client.redis.set(Keys.cancel(self.id), 1, ex=self.client.settings.result_expires)
             self.client.app.control.revoke(self.id, terminate=True, signal="SIGTERM")
             self.client.app.backend.mark_as_revoked(self.id, reason="cancelled by the client")
-            if self.profile_id:
-                for forced in (False, True):
-                    delete_if_value(
-                        self.client.redis, Keys.flight(self.profile_id, forced), self.id
-                    )
+            signal_done(self.client.redis, self.id, self.client.settings.result_expires)
+            if self.flight_key:
+                end_flight(self.client.redis, self.flight_key, self.id)
         except (redis.RedisError, OperationalError) as exc:
             raise QueueUnavailable(f"cannot cancel job {self.id}: {exc}") from None
 
@@ -201,8 +225,6 @@ class BuildClient:
         self.url = url
         self.app = make_celery(self.settings, url, name="pfbuild.client")
         self.redis = redis.Redis.from_url(url)
-        # flights outlive the longest build plus time spent queued behind others
-        self.flight_ttl = 2 * self.settings.build_time_limit + self.settings.lock_wait_max
 
     def close(self) -> None:
         self.redis.close()
@@ -218,39 +240,38 @@ class BuildClient:
         return BuildJob(self, job_id)
 
     def _prepare(self, request: BuildRequest | dict[str, Any]) -> tuple[BuildRequest, str]:
-        req = validate_request(request)
+        req = validate_request(request, self.settings)
         if req.profile_path is not None:
             # read here, so that workers on other hosts need no access to the file
-            req = req.model_copy(
-                update={"profile": load_profile_file(req.profile_path), "profile_path": None}
-            )
+            profile = load_profile_file(req.profile_path, self.settings)
+            req = req.model_copy(update={"profile": profile, "profile_path": None})
         # paths mean what they mean here, not in a worker's working directory
         update: dict[str, Any] = {"repo_dir": os.path.abspath(req.repo_dir)}
         if req.image_cache_dir:
             update["image_cache_dir"] = os.path.abspath(req.image_cache_dir)
         req = req.model_copy(update=update)
         assert req.profile is not None
-        return req, parse_profile(req.profile).profile_id
+        return req, parse_profile(req.profile, settings=self.settings).profile_id
 
     def submit(self, request: BuildRequest | dict[str, Any]) -> BuildJob:
         """Enqueue one request, or join the job already building its profile."""
         req, profile_id = self._prepare(request)
-        key = Keys.flight(profile_id, req.force_rebuild)
+        key = Keys.flight(profile_id, req.force_rebuild, req.repo_dir)
         try:
             for _ in range(10):
                 job_id = str(uuid.uuid4())
-                if self.redis.set(key, job_id, nx=True, ex=self.flight_ttl):
+                if self.redis.set(key, job_id, nx=True, ex=self.settings.flight_ttl):
                     self._send(req, profile_id, job_id, key)
-                    return BuildJob(self, job_id, profile_id)
+                    return BuildJob(self, job_id, profile_id, flight_key=key)
                 existing = self.redis.get(key)
                 if existing is None:
                     continue  # the flight just ended; try to start the next one
                 other_id = existing.decode() if isinstance(existing, bytes) else str(existing)
-                other = BuildJob(self, other_id, profile_id, joined=True)
+                other = BuildJob(self, other_id, profile_id, joined=True, flight_key=key)
                 if other.status().ready:
                     # a finished flight is over (its job ends it, but may have died first):
                     # the next submit starts afresh, and finds the image if it was built
-                    delete_if_value(self.redis, key, other.id)
+                    end_flight(self.redis, key, other.id)
                     continue
                 return other
         except redis.RedisError as exc:
@@ -265,13 +286,18 @@ class BuildClient:
                     "request": req.model_dump(mode="json"),
                     "profile_id": profile_id,
                     "submitted_at": time.time(),
+                    "flight": key,
                 },
                 task_id=job_id,
+                # what `celery inspect` shows of the job; a repr of the whole request would
+                # cost more than the rest of the send
+                argsrepr="()",
+                kwargsrepr=f"{{profile_id: {profile_id}, repo_dir: {req.repo_dir}}}",
                 # to a live host that holds the image, if any (client/hosts.py)
                 queue=choose_queue(self.redis, self.settings, req, profile_id),
             )
         except Exception as exc:
-            delete_if_value(self.redis, key, job_id)  # nobody may join a job never sent
+            end_flight(self.redis, key, job_id)  # nobody may join a job never sent
             raise QueueUnavailable(f"cannot enqueue the build: {exc}") from None
 
     def submit_many(self, requests: Iterable[BuildRequest | dict[str, Any]]) -> list[BuildJob]:

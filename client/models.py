@@ -22,6 +22,7 @@ __all__ = [
     "ErrorInfo",
     "FailureClass",
     "FailureInfo",
+    "JobState",
     "Manifest",
     "RegistryInfo",
     "TarballInfo",
@@ -31,8 +32,44 @@ __all__ = [
 CacheSource = Literal["local", "registry", "tarball", "built"]
 
 
+class JobState(str, Enum):
+    """What a client sees of a job, in the order a build goes through them.
+
+    The one type for a stage: the worker reports it, the result backend stores it (as
+    :attr:`celery_state`), the client reads it back, and :attr:`timing` names the field
+    of :class:`Timings` its seconds add to.
+    """
+
+    QUEUED = "queued"
+    WAITING_FOR_LOCK = "waiting_for_lock"
+    RENDERING = "rendering"
+    CHECKING_CACHE = "checking_cache"
+    PULLING_IMAGE = "pulling_image"
+    LOADING_TARBALL = "loading_tarball"
+    BUILDING = "building"
+    SAVING_TARBALL = "saving_tarball"
+    PUSHING_IMAGE = "pushing_image"
+    SUCCESS = "success"
+    FAILURE = "failure"
+    CANCELLED = "cancelled"
+
+    @property
+    def ready(self) -> bool:
+        return self in (JobState.SUCCESS, JobState.FAILURE, JobState.CANCELLED)
+
+    @property
+    def celery_state(self) -> str:
+        """The custom Celery state a worker stores for this stage (``BUILDING``, ...)."""
+        return self.value.upper()
+
+    @property
+    def timing(self) -> str | None:
+        """The :class:`Timings` field this stage's seconds add to, if it is timed."""
+        return _TIMING_OF.get(self)
+
+
 class FailureClass(str, Enum):
-    """Why a build failed, read from its log (SPEC §4)."""
+    """Why a build failed, read from its log (see docs/design.md, "Failure classes")."""
 
     MISSING_INSTALL_MECHANISM = "missing_install_mechanism"
     INVALID_REQUIREMENT = "invalid_requirement"
@@ -113,6 +150,18 @@ class Timings(BaseModel):
     total: float = 0.0
 
 
+_TIMING_OF = {
+    JobState.WAITING_FOR_LOCK: "lock_wait",
+    JobState.RENDERING: "render",
+    JobState.CHECKING_CACHE: "cache_check",
+    JobState.LOADING_TARBALL: "load",
+    JobState.BUILDING: "build",
+    JobState.SAVING_TARBALL: "save",
+    JobState.PULLING_IMAGE: "pull",
+    JobState.PUSHING_IMAGE: "push",
+}
+
+
 class TarballInfo(BaseModel):
     """The tarball the image was loaded from or saved to."""
 
@@ -140,6 +189,7 @@ class Manifest(BaseModel):
     python_version: str
     base_image: str
     dockerfile_sha256: str
+    context_sha256: str = ""  # the code in the image (docs/design.md, "What a hit means")
     cache_source: CacheSource
     force_rebuild: bool
     attempts: list[Attempt]
@@ -161,6 +211,7 @@ class BuildAnswer(BaseModel):
     build_log_path: str
     cache_source: CacheSource
     image_id: str
+    context_sha256: str = ""
     build_variant: str
     manifest: Manifest
     manifest_path: str

@@ -1,4 +1,6 @@
-"""Repo profiles: loading, validation, ``profile_id`` and the Python version (SPEC §2).
+"""Repo profiles: loading, validation, ``profile_id`` and the Python version.
+
+The rules are in docs/design.md ("The profile").
 
 Validation refuses rather than rewrites: a value that would change the Dockerfile's
 meaning (a newline in a command, a non-identifier env key, an id Docker cannot name) is a
@@ -15,8 +17,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
-from pfbuild.client.errors import BadRequest, ProfileRefused
+from pfbuild.client.errors import BadRequest, LimitExceeded, ProfileRefused
+from pfbuild.client.inputs import (
+    JsonLimits,
+    check_path_text,
+    check_value,
+    loads_strict,
+    read_bounded,
+)
 from pfbuild.client.models import BuildRequest
+from pfbuild.client.settings import Settings
 
 __all__ = [
     "DEFAULT_PYTHON",
@@ -34,6 +44,8 @@ DEFAULT_PYTHON = "3.11"
 # Docker's grammar for one path component of an image name.
 _ID_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Dotted runs of digits ("3.11.2"); greedy and unambiguous, so one pass over the text.
+_VERSION_RUN = re.compile(r"\d+(?:\.\d+)*")
 # Characters that end a Dockerfile line (or, for NUL, truncate it) and so could smuggle in
 # a new instruction.
 _LINE_BREAKS = ("\n", "\r", "\x00")
@@ -81,18 +93,17 @@ def compute_profile_id(profile: dict[str, Any]) -> str:
 
 
 def python_version(target: str | None) -> str:
-    """Pick the Python version: ``X.Y.Z``/``X.Y`` as is, else the first found, else 3.11."""
-    text = (target or "").strip()
-    if re.fullmatch(r"\d+\.\d+(?:\.\d+)?", text):
-        return text
-    for pattern in (r"\d+\.\d+\.\d+", r"\d+\.\d+"):
-        found = re.search(pattern, text)
-        if found:
-            return found.group(0)
-    major = re.search(r"\d+", text)
-    if major:
-        return f"{major.group(0)}.0"
-    return DEFAULT_PYTHON
+    """Pick the Python version: ``X.Y.Z``/``X.Y`` as is, else the first found, else 3.11.
+
+    One pass of a regex that cannot backtrack: the runs of dotted digits, in order (a
+    search for ``\\d+\\.\\d+\\.\\d+`` from every digit would be quadratic in a long number).
+    """
+    runs = [run.split(".") for run in _VERSION_RUN.findall((target or "").strip())]
+    for parts in (3, 2):
+        for run in runs:
+            if len(run) >= parts:
+                return ".".join(run[:parts])
+    return f"{runs[0][0]}.0" if runs else DEFAULT_PYTHON
 
 
 def _check_id(profile_id: object) -> str:
@@ -122,22 +133,66 @@ def _problems(exc: ValidationError, what: str) -> str:
     )
 
 
-def validate_request(data: object) -> BuildRequest:
-    """A BuildRequest from decoded JSON; every problem is a BadRequest naming the field."""
+def validate_request(data: object, settings: Settings | None = None) -> BuildRequest:
+    """A BuildRequest from decoded JSON; every problem is a BadRequest naming the field.
+
+    The CLI, the client and the worker all call this, so all three refuse the same
+    requests (non-JSON values, lone surrogates, NUL or over-long paths).
+    """
+    settings = settings or Settings()
     if isinstance(data, BuildRequest):
-        return data
+        data = data.model_dump()
     if not isinstance(data, dict):
         raise BadRequest("the request must be a JSON object")
+    check_value(data, what="the request", limits=JsonLimits.of(settings))
     try:
-        return BuildRequest.model_validate(data)
+        request = BuildRequest.model_validate(data)
     except ValidationError as exc:
         raise BadRequest(f"invalid request: {_problems(exc, 'request')}") from None
+    for name in ("repo_dir", "profile_path", "image_cache_dir"):
+        value = getattr(request, name)
+        if value is not None:
+            check_path_text(value, what=name, max_length=settings.max_path_length)
+    return request
 
 
-def parse_profile(document: object, *, source: str = "profile") -> Profile:
+def _limit(what: str, size: int, setting: str, settings: Settings) -> None:
+    limit = getattr(settings, setting)
+    if size > limit:
+        raise LimitExceeded(
+            f"{what} is over the limit of {limit} ({size}); set PFBUILD_{setting.upper()} "
+            "to change it",
+            details={"setting": setting, "limit": limit},
+        )
+
+
+def _check_sizes(fields: _Fields, source: str, settings: Settings) -> None:
+    """Counts and lengths the engine would choke on (or take hours over) are refused here."""
+    _limit(f"{source}: install_cmds count", len(fields.install_cmds), "max_install_cmds", settings)
+    _limit(f"{source}: env entry count", len(fields.env), "max_env_entries", settings)
+    _limit(
+        f"{source}: python_version_target length",
+        len(fields.python_version_target or ""),
+        "max_version_length",
+        settings,
+    )
+    for i, cmd in enumerate(fields.install_cmds):
+        size = len(cmd.encode("utf-8"))
+        _limit(f"{source}: install_cmds[{i}] length", size, "max_command_length", settings)
+    for key, value in fields.env.items():
+        _limit(f"{source}: env key {key[:40]!r}… length", len(key), "max_env_key_length", settings)
+        size = len(value.encode("utf-8"))
+        _limit(f"{source}: env[{key!r}] length", size, "max_env_value_length", settings)
+
+
+def parse_profile(
+    document: object, *, source: str = "profile", settings: Settings | None = None
+) -> Profile:
     """Validate a profile document: the profile itself or ``{"profile_id", "profile"}``."""
+    settings = settings or Settings()
     if not isinstance(document, dict):
         raise BadRequest(f"{source}: a profile must be a JSON object")
+    check_value(document, what=source, limits=JsonLimits.of(settings))
     given_id: object = None
     body: object = document
     if "profile" in document and set(document) <= {"profile", "profile_id"}:
@@ -150,6 +205,7 @@ def parse_profile(document: object, *, source: str = "profile") -> Profile:
         fields = _Fields.model_validate(body)
     except ValidationError as exc:
         raise BadRequest(f"{source}: wrong types in profile: {_problems(exc, 'profile')}") from None
+    _check_sizes(fields, source, settings)
 
     if fields.status == "unsupported":
         raise ProfileRefused(f"{source}: profile status is 'unsupported'; refusing to build")
@@ -158,6 +214,11 @@ def parse_profile(document: object, *, source: str = "profile") -> Profile:
         raise ProfileRefused(f"{source}: 'install_cmds' is empty; nothing would be installed")
     for i, cmd in enumerate(fields.install_cmds):
         _no_line_breaks(f"install_cmds[{i}]", cmd)
+        if cmd.lstrip().startswith("-"):
+            raise BadRequest(
+                f"install_cmds[{i}] starts with '-': Docker would read it as a flag of RUN "
+                "(--network, --mount, --security), not as a command"
+            )
         if cmd.rstrip().endswith("\\"):
             raise BadRequest(
                 f"install_cmds[{i}] ends with a backslash, which would continue the RUN "
@@ -181,21 +242,19 @@ def parse_profile(document: object, *, source: str = "profile") -> Profile:
     )
 
 
-def load_profile_file(path: str | Path) -> dict[str, Any]:
-    """Read a profile file as JSON, turning every reading problem into a BadRequest."""
+def load_profile_file(path: str | Path, settings: Settings | None = None) -> dict[str, Any]:
+    """Read a profile file as strict JSON, turning every reading problem into a BadRequest.
+
+    Only a regular file is read (a FIFO or ``/dev/zero`` is refused before a byte is
+    read), and at most ``max_request_bytes`` of it.
+    """
+    settings = settings or Settings()
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BadRequest(f"profile_path {str(p)!r} does not exist") from None
-    except IsADirectoryError:
-        raise BadRequest(f"profile_path {str(p)!r} is a directory, not a file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"cannot read profile_path {str(p)!r}: {exc}") from None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"profile_path {str(p)!r} is not valid JSON: {exc}") from None
+    check_path_text(str(p), what="profile_path", max_length=settings.max_path_length)
+    data = read_bounded(
+        p, what="profile_path", limit=settings.max_request_bytes, setting="max_request_bytes"
+    )
+    document = loads_strict(data, what=f"profile_path {str(p)!r}", limits=JsonLimits.of(settings))
     if not isinstance(document, dict):
         raise BadRequest(f"profile_path {str(p)!r} must hold a JSON object")
     return document

@@ -1,53 +1,35 @@
-"""What client and workers share about the queue: the Celery app, task name, Redis keys
-and the states a job goes through. Imports celery and redis only (no docker SDK)."""
+"""What client and workers share about the queue: task names, Redis keys, how a Celery
+state reads as a :class:`JobState`, and the Celery app's common part (broker, result
+backend, JSON). The worker's own settings (acks, prefetch, time limits) live in
+``pfbuild.worker.celery_app``. Imports celery and redis only (no docker SDK)."""
 
 from __future__ import annotations
 
-from enum import Enum
+import hashlib
 
 import redis
 from celery import Celery
 from celery.backends.redis import RedisBackend
 
+from pfbuild.client.models import JobState
 from pfbuild.client.settings import Settings
 
 __all__ = [
     "PING_TASK",
+    "QUEUE",
     "TASK_NAME",
     "JobState",
     "Keys",
     "PollingRedisBackend",
-    "celery_state",
-    "delete_if_value",
+    "end_flight",
     "job_state",
     "make_celery",
+    "signal_done",
 ]
 
 TASK_NAME = "pfbuild.build"
 PING_TASK = "pfbuild.ping"
 QUEUE = "pfbuild"
-
-
-class JobState(str, Enum):
-    """What a client sees of a job, in the order a build goes through them."""
-
-    QUEUED = "queued"
-    WAITING_FOR_LOCK = "waiting_for_lock"
-    RENDERING = "rendering"
-    CHECKING_CACHE = "checking_cache"
-    PULLING_IMAGE = "pulling_image"
-    LOADING_TARBALL = "loading_tarball"
-    BUILDING = "building"
-    SAVING_TARBALL = "saving_tarball"
-    PUSHING_IMAGE = "pushing_image"
-    SUCCESS = "success"
-    FAILURE = "failure"
-    CANCELLED = "cancelled"
-
-    @property
-    def ready(self) -> bool:
-        return self in (JobState.SUCCESS, JobState.FAILURE, JobState.CANCELLED)
-
 
 _FROM_CELERY = {
     "PENDING": JobState.QUEUED,
@@ -60,13 +42,8 @@ _FROM_CELERY = {
 }
 
 
-def celery_state(state: JobState) -> str:
-    """The custom Celery state a worker publishes for a stage (``BUILDING``, ...)."""
-    return state.value.upper()
-
-
 def job_state(celery: str) -> JobState:
-    """Map a Celery state (built-in or ours) to a JobState."""
+    """Map a Celery state (built-in, or one of :attr:`JobState.celery_state`) to a JobState."""
     if celery in _FROM_CELERY:
         return _FROM_CELERY[celery]
     try:
@@ -79,8 +56,11 @@ class Keys:
     """Redis key names; every pfbuild key starts with ``pfbuild:``."""
 
     @staticmethod
-    def flight(profile_id: str, forced: bool) -> str:
-        return f"pfbuild:flight:{'force' if forced else 'build'}:{profile_id}"
+    def flight(profile_id: str, forced: bool, repo_dir: str) -> str:
+        """One flight per profile, repository and ``force_rebuild``: requests join one
+        job only when they would build the same thing (docs/design.md, "Single flight")."""
+        repo = hashlib.sha256(repo_dir.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return f"pfbuild:flight:{'force' if forced else 'build'}:{profile_id}:{repo}"
 
     @staticmethod
     def log(job_id: str) -> str:
@@ -102,6 +82,10 @@ class Keys:
     def starts(job_id: str) -> str:
         return f"pfbuild:starts:{job_id}"
 
+    @staticmethod
+    def done(job_id: str) -> str:
+        return f"pfbuild:done:{job_id}"
+
 
 _DELETE_IF_VALUE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
@@ -109,10 +93,27 @@ return 0
 """
 
 
-def delete_if_value(client: redis.Redis, key: str, value: str) -> bool:
-    """Delete ``key`` only if it still holds ``value`` (atomically, in Redis): a flight
-    key is ended only by the job it names, never a newer one."""
-    return bool(client.eval(_DELETE_IF_VALUE, 1, key, value))
+def end_flight(client: redis.Redis, flight_key: str, job_id: str) -> bool:
+    """End the single flight at ``flight_key`` if (and only if) it still names ``job_id``.
+
+    Atomic in Redis: a job ends its own flight, never a newer one that replaced it.
+    """
+    return bool(client.eval(_DELETE_IF_VALUE, 1, flight_key, job_id))
+
+
+_SIGNAL_DONE = """
+if KEYS[1] ~= '' and redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
+redis.call('rpush', KEYS[2], 1)
+redis.call('ltrim', KEYS[2], 0, 0)
+redis.call('expire', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+def signal_done(client: redis.Redis, job_id: str, ttl: int, flight_key: str | None = None) -> None:
+    """Wake whoever waits for ``job_id``: its result (or revocation) is stored. Ends its
+    flight too, if given and still its own: one round trip at the end of every job."""
+    client.eval(_SIGNAL_DONE, 2, flight_key or "", Keys.done(job_id), job_id, ttl)
 
 
 class PollingRedisBackend(RedisBackend):  # type: ignore[misc]
@@ -127,12 +128,9 @@ class PollingRedisBackend(RedisBackend):  # type: ignore[misc]
         pass
 
 
-def make_celery(
-    settings: Settings, redis_url: str | None = None, *, name: str = "pfbuild"
-) -> Celery:
-    """The Celery app both sides use: Redis broker and backend, JSON only."""
-    url = redis_url or settings.redis_url or "redis://127.0.0.1:6379/0"
-    app = Celery(name, broker=url, backend=f"{__name__}.PollingRedisBackend+{url}")
+def make_celery(settings: Settings, redis_url: str, *, name: str = "pfbuild") -> Celery:
+    """The part of the Celery app both sides share: Redis broker and backend, JSON only."""
+    app = Celery(name, broker=redis_url, backend=f"{__name__}.PollingRedisBackend+{redis_url}")
     app.conf.update(
         # JSON only: a worker never unpickles what a client sent, and vice versa.
         task_serializer="json",
@@ -140,38 +138,8 @@ def make_celery(
         accept_content=["json"],
         result_accept_content=["json"],
         task_default_queue=QUEUE,
-        # Ack after the build, not before: a worker that dies mid-build leaves its job
-        # in Redis' unacked set, from which another worker gets it back.
-        task_acks_late=True,
-        # A pool process killed under a job (OOM, SIGKILL) requeues the job rather than
-        # failing it; the task caps how often (Settings.max_deliveries).
-        task_reject_on_worker_lost=True,
-        # One job reserved per process: a build takes minutes, and a job prefetched by a
-        # busy worker would wait behind it while another worker sits idle.
-        worker_prefetch_multiplier=1,
-        # Redis redelivers an unacked job after visibility_timeout; it must outlast the
-        # hard time limit or a long build runs twice (celery#5935).
-        # Workers sweep for such orphans every 10 s (kombu's default scans only every
-        # 10th sweep, so a dead worker's job would wait up to 100 s more).
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout,
-            "unacked_restore_interval": 10,
-            "unacked_restore_throttle": 1,
-        },
-        # The soft limit raises inside the build so it releases its lock and reports a
-        # structured timeout; the hard limit kills what ignores it.
-        task_soft_time_limit=settings.build_soft_time_limit,
-        task_time_limit=settings.build_time_limit,
-        # If the broker connection drops, cancel running builds: their acks would be lost
-        # anyway and the jobs redelivered, so finishing them would only build twice.
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        # Say explicitly that a worker started before Redis keeps retrying to connect.
-        broker_connection_retry_on_startup=True,
         result_expires=settings.result_expires,
-        # No STARTED: the task publishes its own stages, and a STARTED stored by each lock
-        # retry would send a waiting job's state backwards.
-        task_track_started=False,
-        result_extended=True,
-        worker_hijack_root_logger=False,
+        # no request copy in each result: a hit's result is written and read on the hot path
+        result_extended=False,
     )
     return app

@@ -49,7 +49,14 @@ class Settings(BaseSettings):
         default=600,
         description="Seconds the broker's visibility timeout exceeds the hard time limit.",
     )
-    result_expires: int = Field(default=86400, description="Seconds results are kept.")
+    result_expires: int = Field(
+        default=86400, description="Seconds results, job logs and cancel flags are kept."
+    )
+    log_keep_lines: int = Field(
+        default=50_000,
+        description="Build log lines kept per job in Redis for `pfbuild logs`; the whole "
+        "log is always in build.log.",
+    )
     worker_concurrency: int = Field(default=2, description="Builds one worker runs at once.")
 
     # --- where things go ---------------------------------------------------------------
@@ -95,6 +102,45 @@ class Settings(BaseSettings):
     zstd_level: int = Field(default=3, description="zstd level of saved tarballs.")
     zstd_threads: int = Field(default=2, description="zstd worker threads when saving.")
 
+    # --- limits on what a request may ask (hostile input is refused, never sent on) ----
+    max_request_bytes: int = Field(
+        default=1024 * 1024,
+        description="Largest request (JSON on stdin or sent to a worker), and largest "
+        "profile file, in bytes.",
+    )
+    max_json_depth: int = Field(
+        default=32, description="Deepest nesting of objects and arrays in a request or profile."
+    )
+    max_number_digits: int = Field(
+        default=100, description="Longest number (in characters) in a request or profile."
+    )
+    max_path_length: int = Field(
+        default=4096, description="Longest repo_dir, profile_path or image_cache_dir."
+    )
+    max_install_cmds: int = Field(default=200, description="Most install commands in a profile.")
+    max_command_length: int = Field(
+        default=16384, description="Longest install command, in UTF-8 bytes."
+    )
+    max_env_entries: int = Field(default=200, description="Most env entries in a profile.")
+    max_env_key_length: int = Field(default=256, description="Longest env key, in characters.")
+    max_env_value_length: int = Field(
+        default=16384, description="Longest env value, in UTF-8 bytes."
+    )
+    max_version_length: int = Field(
+        default=64, description="Longest python_version_target, in characters."
+    )
+    idle_timeout: int = Field(
+        default=1800,
+        description="Seconds a build may print nothing before it is stopped with a "
+        "BuildIdleTimeout (an install command waiting on stdin, a hung download). 0: never.",
+    )
+    state_dir: Path | None = Field(
+        default=None,
+        description="Worker-side state no repository can write: the records of the "
+        "tarballs pfbuild saved, the only ones its cache loads. Default {tmp_dir}/state, else "
+        "~/.local/state/pfbuild. Share it between hosts that share a tarball cache.",
+    )
+
     # --- this worker -------------------------------------------------------------------
     docker_host: str | None = Field(
         default=None,
@@ -130,6 +176,12 @@ class Settings(BaseSettings):
         so a shorter one would run a long build twice (celery#5935)."""
         return self.build_time_limit + self.visibility_margin
 
+    @property
+    def flight_ttl(self) -> int:
+        """How long a single-flight key may live: the longest build, plus as long again
+        queued behind others, plus the longest lock wait."""
+        return 2 * self.build_time_limit + self.lock_wait_max
+
     def image_tag(self, profile_id: str) -> str:
         return f"{self.image_repository}/{profile_id}:latest"
 
@@ -141,6 +193,14 @@ class Settings(BaseSettings):
 
     def base_image(self, version: str) -> str:
         return self.base_image_template.format(version=version)
+
+    def trust_dir(self) -> Path:
+        """Where the digests of the tarballs pfbuild saved are recorded."""
+        if self.state_dir is not None:
+            return self.state_dir / "trusted-tarballs"
+        if self.tmp_dir is not None:
+            return self.tmp_dir / "state" / "trusted-tarballs"
+        return Path.home() / ".local" / "state" / "pfbuild" / "trusted-tarballs"
 
     def docker_host_name(self) -> str:
         return self.docker_host or "unix:///var/run/docker.sock"

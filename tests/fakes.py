@@ -1,25 +1,42 @@
-"""A fake Docker engine behind the Engine protocol, for unit tests and fault injection."""
+"""A fake Docker engine behind the Engine protocol, for unit tests and fault injection;
+and ``run_request``, the pipeline from an unresolved request."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO
 
-from pfbuild.worker.engine import BuildOutcome, ImageInfo, LoadFailed, RegistryFailed
+from pfbuild.client.errors import ImageLoadFailed
+from pfbuild.client.models import BuildAnswer, BuildRequest
+from pfbuild.client.profile import validate_request
+from pfbuild.client.settings import Settings
+from pfbuild.worker.engine import BuildOutcome, BuildSpec, Engine, ImageInfo, RegistryFailed
+from pfbuild.worker.pipeline import run_build
+from pfbuild.worker.resolve import resolve_request
 
 
-def image_tar(tag: str, payload: bytes) -> bytes:
-    """A tiny stand-in for `docker save` output: a tar naming the tag and holding data."""
+def image_tar(tag: str, payload: bytes, labels: dict[str, str] | None = None) -> bytes:
+    """A tiny stand-in for `docker save` output: a tar naming the tag, its labels, data."""
     buf = io.BytesIO()
+    members = (("repositories", tag.encode()), ("labels.json", json.dumps(labels or {}).encode()),
+               ("layer.bin", payload))
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in (("repositories", tag.encode()), ("layer.bin", payload)):
+        for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def run_request(request: BuildRequest, settings: Settings, engine: Engine,
+                **kw: object) -> BuildAnswer:
+    """Resolve ``request`` and run the pipeline on it, as ``pfbuild build`` does."""
+    request = validate_request(request, settings)  # as every door does on entry
+    return run_build(resolve_request(request, settings), settings, engine, **kw)  # type: ignore[arg-type]
 
 
 class FakeRegistry:
@@ -51,9 +68,9 @@ class FakeEngine:
     def inspect(self, tag: str) -> ImageInfo | None:
         return self.images.get(tag)
 
-    def build(self, context: IO[bytes], *, tag: str, dockerfile: str, cache_from: list[str],
-              nocache: bool, labels: dict[str, str],
+    def build(self, context: IO[bytes], spec: BuildSpec,
               on_line: Callable[[str], None]) -> BuildOutcome:
+        tag, dockerfile, labels = spec.tag, spec.dockerfile, spec.labels
         with tarfile.open(fileobj=context, mode="r|") as tar:
             members = {}
             for m in tar:
@@ -64,17 +81,18 @@ class FakeEngine:
         sources = hashlib.sha256(b"".join(
             name.encode() + b"\0" + hashlib.sha256(data).digest()
             for name, data in sorted(members.items()) if name != dockerfile)).hexdigest()
-        self.builds.append({"tag": tag, "dockerfile": text, "nocache": nocache,
-                            "cache_from": cache_from, "members": sorted(members),
+        self.builds.append({"tag": tag, "dockerfile": text, "nocache": spec.nocache,
+                            "idle_timeout": spec.idle_timeout,
+                            "cache_from": spec.cache_from, "members": sorted(members),
                             "sources": sources})
         for line in self.build_log(text):
             on_line(line)
         if not self.build_ok(text):
-            return BuildOutcome(ok=False, image_id=None, error="The command returned 1")
+            return BuildOutcome(image=None, error="The command returned 1")
         image_id = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
         self.images[tag] = ImageInfo(id=image_id, labels=dict(labels))
-        self.blobs[tag] = image_tar(tag, text.encode() * 1000)
-        return BuildOutcome(ok=True, image_id=image_id, error=None)
+        self.blobs[tag] = image_tar(tag, text.encode() * 1000, dict(labels))
+        return BuildOutcome(image=self.images[tag], error=None)
 
     def save(self, tag: str) -> Iterator[bytes]:
         data = self.blobs[tag]
@@ -86,15 +104,20 @@ class FakeEngine:
         chunks = data if not hasattr(data, "read") else iter(lambda: data.read(65536), b"")  # type: ignore[union-attr]
         blob = b"".join(chunks)  # type: ignore[arg-type]
         if self.refuse_loads:
-            raise LoadFailed("invalid tar header")
+            raise ImageLoadFailed("invalid tar header")
         try:
             with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
                 member = tar.extractfile("repositories")
                 tag = member.read().decode() if member else ""
+                try:
+                    found = tar.extractfile("labels.json")
+                    labels = json.loads(found.read()) if found else {}
+                except KeyError:
+                    labels = {}
         except tarfile.TarError as exc:
-            raise LoadFailed(f"invalid tar: {exc}") from None
+            raise ImageLoadFailed(f"invalid tar: {exc}") from None
         self.images[tag] = ImageInfo(id="sha256:" + hashlib.sha256(blob).hexdigest(),
-                                     labels={"org.pfbuild.variant": "standard"})
+                                     labels=labels)
         self.blobs[tag] = blob
         return [f"Loaded image: {tag}"]
 

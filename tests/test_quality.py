@@ -1,7 +1,8 @@
-"""ruff and mypy are part of the test suite, so CI enforces them."""
+"""ruff, mypy and the house rules are part of the test suite, so CI enforces them."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("client", "worker")
+MAX_FUNCTION_LINES = 60
 
 
 def _tool(name: str) -> None:
@@ -19,7 +22,7 @@ def _tool(name: str) -> None:
 
 def test_ruff() -> None:
     _tool("ruff")
-    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "client", "worker"],
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", *PACKAGES, "tests"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
@@ -28,12 +31,31 @@ def test_mypy_strict(tmp_path: Path) -> None:
     _tool("mypy")
     # the installed names are pfbuild.client/pfbuild.worker; mirror them for mypy
     (tmp_path / "pfbuild").mkdir()
-    for pkg in ("client", "worker"):
+    for pkg in PACKAGES:
         (tmp_path / "pfbuild" / pkg).symlink_to(ROOT / pkg)
+    (tmp_path / "tests").symlink_to(ROOT / "tests")
     proc = subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-         "--cache-dir", str(tmp_path / ".mypy_cache"), "-p", "pfbuild"],
+         "--cache-dir", str(tmp_path / ".mypy_cache"), "-p", "pfbuild", "-p", "tests"],
         cwd=tmp_path, capture_output=True, text=True, env={"MYPYPATH": str(tmp_path),
                                                            "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_no_function_is_longer_than_a_screen() -> None:
+    long = []
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                    if lines > MAX_FUNCTION_LINES:
+                        long.append(f"{pkg}/{path.name}:{node.lineno} {node.name} ({lines})")
+    assert long == []
+
+
+def test_the_code_cites_no_document_outside_the_repository() -> None:
+    cites = [f"{pkg}/{p.name}" for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py")
+             if "SPEC" in p.read_text() or "../shared" in p.read_text()]
+    assert cites == []

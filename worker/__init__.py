@@ -4,7 +4,8 @@ app that runs it (``celery -A pfbuild.worker worker`` finds ``app`` here)."""
 from typing import Any
 
 from pfbuild.worker.engine import DockerEngine, Engine
-from pfbuild.worker.pipeline import resolve_request, run_build
+from pfbuild.worker.pipeline import run_build
+from pfbuild.worker.resolve import resolve_request
 
 __all__ = ["DockerEngine", "Engine", "app", "resolve_request", "run_build"]
 

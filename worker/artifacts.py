@@ -1,7 +1,6 @@
 """Files that are never seen half-written: write to a temporary sibling, fsync, rename.
 
-Also where each profile's artifacts live: ``{repo_dir}/.pf_manifest/image_build/{profile_id}/``,
-so two profiles built from one repo never share (or overwrite) a Dockerfile, log or manifest.
+Where those files live is :mod:`pfbuild.worker.layout`'s business.
 """
 
 from __future__ import annotations
@@ -17,9 +16,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from pfbuild.client.errors import BadRequest
+from pfbuild.client.inputs import JsonLimits, loads_strict, read_bounded
+
 __all__ = [
     "HashingWriter",
-    "artifact_dir",
     "atomic_file",
     "atomic_write_text",
     "exclusive_lock",
@@ -28,9 +29,10 @@ __all__ = [
 
 T = TypeVar("T")
 
-
-def artifact_dir(repo_dir: str | Path, profile_id: str) -> Path:
-    return Path(repo_dir) / ".pf_manifest" / "image_build" / profile_id
+# A state file pfbuild writes in a repository (unsupported_registry.json) is read back at
+# most this large; a bigger one is replaced (it holds one small entry per profile+class).
+STATE_FILE_MAX_BYTES = 16 * 1024 * 1024
+_STATE_JSON = JsonLimits(max_bytes=STATE_FILE_MAX_BYTES, max_depth=16, max_number_digits=40)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -45,11 +47,16 @@ def _fsync_dir(path: Path) -> None:
 def atomic_file(
     path: str | Path,
     on_error: Callable[[IO[bytes], BaseException], bool] | None = None,
+    *,
+    durable: bool = True,
 ) -> Iterator[IO[bytes]]:
     """Yield a binary file that appears at ``path`` whole, or not at all.
 
     If the body raises, the file is dropped, unless ``on_error(file, exc)`` returns True:
-    then what was written so far is committed (a log of a failed run, say).
+    then what was written so far is committed (a log of a failed run, say). ``durable``
+    fsyncs the file and its folder before and after the rename; without it the file is
+    still never seen torn, but a machine crash may lose it (fine for what a cache hit
+    rewrites: the next request writes it again).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -62,19 +69,21 @@ def atomic_file(
             except BaseException as exc:
                 if on_error is None or not on_error(fh, exc):
                     raise
-                _commit(fh, tmp, target)
+                _commit(fh, tmp, target, durable)
                 raise
-            _commit(fh, tmp, target)
+            _commit(fh, tmp, target, durable)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 
-def _commit(fh: IO[bytes], tmp: Path, target: Path) -> None:
+def _commit(fh: IO[bytes], tmp: Path, target: Path, durable: bool) -> None:
     fh.flush()
-    os.fsync(fh.fileno())
+    if durable:
+        os.fsync(fh.fileno())
     os.replace(tmp, target)  # replaces a symlink at target, never writes through it
-    _fsync_dir(target.parent)
+    if durable:
+        _fsync_dir(target.parent)
 
 
 @contextlib.contextmanager
@@ -88,8 +97,8 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_file(path) as fh:
+def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> None:
+    with atomic_file(path, durable=durable) as fh:
         fh.write(text.encode("utf-8"))
 
 
@@ -103,9 +112,17 @@ def locked_json_update(path: str | Path, update: Callable[[dict[str, Any]], T]) 
     target.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(target.with_name(target.name + ".lock")):
         try:
-            data = json.loads(target.read_text(encoding="utf-8")) if target.exists() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            data = {}  # a hand-damaged file is replaced rather than blocking every build
+            # never through a symlink (it could point at any JSON file on the worker, whose
+            # content would be merged in and written back), never a FIFO, never unbounded
+            raw = read_bounded(
+                target,
+                what="state file",
+                limit=STATE_FILE_MAX_BYTES,
+                follow_symlinks=False,
+            )
+            data = loads_strict(raw, what=str(target), limits=_STATE_JSON)
+        except BadRequest:
+            data = {}  # missing, damaged or planted: replaced rather than blocking every build
         if not isinstance(data, dict):
             data = {}
         result = update(data)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import docker.errors
 
-from pfbuild.client.errors import BadRequest, PfbuildError
+from pfbuild.client.errors import BadRequest, BaseImageFailed
 from pfbuild.worker.engine import DockerEngine
 
 __all__ = ["DEBIAN_PYTHON", "apt_mirror", "ensure_base_image"]
@@ -52,7 +52,7 @@ def _run(cmd: list[str], what: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
-        raise PfbuildError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+        raise BaseImageFailed(f"{what} failed (exit {proc.returncode}):\n{tail}")
 
 
 def ensure_base_image(
@@ -87,36 +87,9 @@ def ensure_base_image(
     if not mirror:
         raise BadRequest("no Debian mirror given (--mirror) and none found in apt's sources")
     if shutil.which("debootstrap") is None:
-        raise PfbuildError("debootstrap is not installed (apt-get install debootstrap)")
+        raise BaseImageFailed("debootstrap is not installed (apt-get install debootstrap)")
     with tempfile.TemporaryDirectory(prefix="pfbuild-rootfs-") as tmp:
-        rootfs = Path(tmp) / "rootfs"
-        say(f"debootstrap {suite} from {mirror} (about a minute) ...")
-        _run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                f"--include={PACKAGES}",
-                suite,
-                str(rootfs),
-                mirror,
-            ],
-            "debootstrap",
-        )
-        # pip is usable system-wide in the official image; PEP 668 would refuse it here
-        for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
-            marker.unlink()
-        if ca_dir is not None:
-            certs = sorted(Path(ca_dir).glob("*.crt"))
-            dest = rootfs / "usr/local/share/ca-certificates"
-            dest.mkdir(parents=True, exist_ok=True)
-            for cert in certs:
-                shutil.copy(cert, dest / cert.name)
-            _run(["chroot", str(rootfs), "update-ca-certificates"], "update-ca-certificates")
-            say(f"trusting {len(certs)} extra CA certificate(s)")
-        for leftover in rootfs.glob("var/cache/apt/archives/*.deb"):
-            leftover.unlink()
-        archive = Path(tmp) / "rootfs.tar"
-        _run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(archive), "."], "tar")
+        archive = _rootfs_archive(Path(tmp), suite, mirror, ca_dir, say)
         say(f"importing as {image} ...")
         engine.api.import_image_from_file(
             str(archive),
@@ -125,5 +98,40 @@ def ensure_base_image(
             changes=["ENV LANG=C.UTF-8", 'CMD ["python3"]'],
         )
     if engine.inspect(image) is None:
-        raise PfbuildError(f"import finished but {image} is not in the engine")
+        raise BaseImageFailed(f"import finished but {image} is not in the engine")
     return "made"
+
+
+def _rootfs_archive(
+    tmp: Path, suite: str, mirror: str, ca_dir: Path | None, say: Callable[[str], None]
+) -> Path:
+    """debootstrap a minimal root under ``tmp`` and tar it; returns the tar's path."""
+    rootfs = tmp / "rootfs"
+    say(f"debootstrap {suite} from {mirror} (about a minute) ...")
+    _run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={PACKAGES}",
+            suite,
+            str(rootfs),
+            mirror,
+        ],
+        "debootstrap",
+    )
+    # pip is usable system-wide in the official image; PEP 668 would refuse it here
+    for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
+        marker.unlink()
+    if ca_dir is not None:
+        certs = sorted(Path(ca_dir).glob("*.crt"))
+        dest = rootfs / "usr/local/share/ca-certificates"
+        dest.mkdir(parents=True, exist_ok=True)
+        for cert in certs:
+            shutil.copy(cert, dest / cert.name)
+        _run(["chroot", str(rootfs), "update-ca-certificates"], "update-ca-certificates")
+        say(f"trusting {len(certs)} extra CA certificate(s)")
+    for leftover in rootfs.glob("var/cache/apt/archives/*.deb"):
+        leftover.unlink()
+    archive = tmp / "rootfs.tar"
+    _run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(archive), "."], "tar")
+    return archive

@@ -1,4 +1,4 @@
-"""Benchmarks that print ratios measured side by side in one run (SPEC §8).
+"""Benchmarks that print ratios measured side by side in one run .
 
 Timings on these shared machines are noisy, so each figure is a ratio against a baseline
 measured in the same run, and each measurement runs in a fresh child process so that its
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import resource
 import shutil
 import subprocess
@@ -16,14 +17,28 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pfbuild.client.settings import Settings
+from celery import Celery
 
-__all__ = ["queue_bench", "tarball_bench"]
+from pfbuild.client.jobs import BuildClient
+from pfbuild.client.profile import validate_request
+from pfbuild.client.queue import PING_TASK, QUEUE, Keys
+from pfbuild.client.settings import Settings
+from pfbuild.worker import cache
+from pfbuild.worker.context import scan_context
+from pfbuild.worker.engine import engine_from_settings
+from pfbuild.worker.layout import EXCLUDED_FROM_CONTEXT
+from pfbuild.worker.localfarm import RedisServer, Worker
+from pfbuild.worker.pipeline import run_build
+from pfbuild.worker.resolve import resolve_request
+from pfbuild.worker.trust import TrustStore
+
+__all__ = ["digest_bench", "queue_bench", "tarball_bench"]
 
 Row = dict[str, Any]
 
@@ -52,67 +67,63 @@ def _idle() -> None:
     pass
 
 
+def _tarball_round(settings: Settings, tag: str, work: Path) -> Row:
+    """One round: save and load with the docker CLI and with pfbuild, side by side."""
+    # each child opens its own connection: sockets do not survive a fork cleanly
+    plain, zst = work / "plain.tar", work / "bench.tar.zst"
+    trust = TrustStore(work / "trust")
+    engine = engine_from_settings(settings)
+    cli_save, _ = _measure(
+        lambda: subprocess.run(["docker", "save", "-o", str(plain), tag], check=True)
+    )
+    ours_save, save_rss = _measure(
+        lambda: cache.save_tarball(
+            engine_from_settings(settings),
+            tag,
+            work,
+            "bench",
+            level=settings.zstd_level,
+            threads=settings.zstd_threads,
+            trust=trust,
+        )
+    )
+    engine.remove(tag)
+    cli_load, _ = _measure(
+        lambda: subprocess.run(
+            ["docker", "load", "-q", "-i", str(plain)], check=True, stdout=subprocess.DEVNULL
+        )
+    )
+    engine.remove(tag)
+    ours_load, load_rss = _measure(
+        lambda: cache.load_tarball(engine_from_settings(settings), zst, tag, trust=trust)
+    )
+    if engine.inspect(tag) is None:
+        raise SystemExit("the benchmark's load did not restore the image")
+    return {
+        "image_bytes": plain.stat().st_size,
+        "zstd_bytes": zst.stat().st_size,
+        "size_ratio": zst.stat().st_size / plain.stat().st_size,
+        "docker_save_s": cli_save,
+        "pfbuild_save_s": ours_save,
+        "save_ratio": ours_save / cli_save,
+        "docker_load_s": cli_load,
+        "pfbuild_load_s": ours_load,
+        "load_ratio": ours_load / cli_load,
+        "save_peak_rss_mb": save_rss / 2**20,
+        "load_peak_rss_mb": load_rss / 2**20,
+    }
+
+
 def tarball_bench(settings: Settings, tag: str, rounds: int = 2) -> list[Row]:
     """pfbuild's zstd save/load against the ``docker save``/``docker load`` command line."""
-    from pfbuild.worker import cache
-    from pfbuild.worker.engine import DockerEngine
-
-    def connect() -> DockerEngine:
-        # each child opens its own connection: sockets do not survive a fork cleanly
-        return DockerEngine(settings.docker_host_name(), timeout=settings.docker_timeout)
-
-    engine = connect()
-    if engine.inspect(tag) is None:
+    if engine_from_settings(settings).inspect(tag) is None:
         raise SystemExit(f"{tag} is not in the engine; build it first")
+    idle_rss = _measure(_idle)[1]
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="pfbuild-bench-") as tmp:
-        work = Path(tmp)
-        plain = work / "plain.tar"
-        zst = work / "bench.tar.zst"
-        idle_rss = _measure(_idle)[1]
         for i in range(rounds):
-            cli_save, _ = _measure(
-                lambda: subprocess.run(["docker", "save", "-o", str(plain), tag], check=True)
-            )
-            ours_save, save_rss = _measure(
-                lambda: cache.save_tarball(
-                    connect(),
-                    tag,
-                    work,
-                    "bench",
-                    level=settings.zstd_level,
-                    threads=settings.zstd_threads,
-                )
-            )
-            engine.remove(tag)
-            cli_load, _ = _measure(
-                lambda: subprocess.run(
-                    ["docker", "load", "-q", "-i", str(plain)],
-                    check=True,
-                    stdout=subprocess.DEVNULL,
-                )
-            )
-            engine.remove(tag)
-            ours_load, load_rss = _measure(lambda: cache.load_tarball(connect(), zst, tag))
-            if engine.inspect(tag) is None:
-                raise SystemExit("the benchmark's load did not restore the image")
-            rows.append(
-                {
-                    "round": i + 1,
-                    "image_bytes": plain.stat().st_size,
-                    "zstd_bytes": zst.stat().st_size,
-                    "size_ratio": zst.stat().st_size / plain.stat().st_size,
-                    "docker_save_s": cli_save,
-                    "pfbuild_save_s": ours_save,
-                    "save_ratio": ours_save / cli_save,
-                    "docker_load_s": cli_load,
-                    "pfbuild_load_s": ours_load,
-                    "load_ratio": ours_load / cli_load,
-                    "idle_rss_mb": idle_rss / 2**20,
-                    "save_peak_rss_mb": save_rss / 2**20,
-                    "load_peak_rss_mb": load_rss / 2**20,
-                }
-            )
+            row = _tarball_round(settings, tag, Path(tmp))
+            rows.append({"round": i + 1, **row, "idle_rss_mb": idle_rss / 2**20})
     return rows
 
 
@@ -122,132 +133,178 @@ def _median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+def _ratio_row(measure: str, baseline: list[float], ours: list[float], goal: str) -> Row:
+    """Medians of both sides, measured in one run, and their ratio."""
+    base, mine = _median(baseline), _median(ours)
+    return {
+        "measure": measure,
+        "baseline_s": base,
+        "pfbuild_s": mine,
+        "ratio": mine / base,
+        "goal": goal,
+    }
+
+
 def _nonce_profile(repo: Path) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads((repo / "repo_profile.json").read_text())
     doc.setdefault("env", {})["PFBUILD_BENCH_NONCE"] = uuid.uuid4().hex
     return doc
 
 
-def queue_bench(
-    settings: Settings, repo: Path, rounds: int = 20, builds: int = 2, submits: int = 50
-) -> list[Row]:
-    """The queue's cost, each figure against its baseline in the same run:
+class _BenchFarm:
+    """A redis-server and a celery worker of the benchmark's own, and a client on them."""
 
-    - a cache hit through the queue vs a trivial Celery task on the same broker;
-    - a real build through the queue vs the pipeline called in-process;
-    - ``submits`` concurrent submits of one new profile: builds run, slowest waiter.
-    """
-    from pfbuild.client.jobs import BuildClient, _backoff
-    from pfbuild.client.models import BuildRequest
-    from pfbuild.client.queue import PING_TASK, Keys
-    from pfbuild.worker.engine import DockerEngine
-    from pfbuild.worker.localfarm import RedisServer, Worker
-    from pfbuild.worker.pipeline import run_build
+    def __init__(self, settings: Settings, repo: Path, client: BuildClient, work: Path) -> None:
+        self.settings = settings
+        self.repo = repo
+        self.client = client
+        self.work = work
+        self.tags: list[str] = []
 
-    rows: list[Row] = []
-    tags: list[str] = []
-    engine = DockerEngine(settings.docker_host_name(), timeout=settings.docker_timeout)
+    def request(self, **kw: Any) -> dict[str, Any]:
+        """A request for a profile no earlier run has built."""
+        return {"repo_dir": str(self.repo), "profile": _nonce_profile(self.repo), **kw}
+
+
+@contextmanager
+def _bench_farm(settings: Settings, repo: Path) -> Iterator[_BenchFarm]:
+
     with tempfile.TemporaryDirectory(prefix="pfbuild-qbench-") as tmp:
         work = Path(tmp)
-        shutil.copytree(
-            repo, work / "repo", ignore=shutil.ignore_patterns(".pf_manifest", ".tmp-test")
-        )
-        repo = work / "repo"
+        copy = work / "repo"
+        shutil.copytree(repo, copy, ignore=shutil.ignore_patterns(*EXCLUDED_FROM_CONTEXT))
         server = RedisServer(work)
         env = {"PFBUILD_REDIS_URL": server.url, "PFBUILD_TMP_DIR": str(work / "pf-tmp")}
         worker = Worker("bench", env, work, concurrency=2)
         local = settings.model_copy(update={"tmp_dir": work / "pf-tmp"})
+        farm: _BenchFarm | None = None
         try:
             worker.wait_ready()
             with BuildClient(server.url, local) as client:
-
-                def request(**kw: Any) -> dict[str, Any]:
-                    return {"repo_dir": str(repo), "profile": _nonce_profile(repo), **kw}
-
-                # 1. cache hit vs trivial task
-                hit_req = request()
-                tags.append(client.submit(hit_req).result(timeout=1800).image_tag)
-                pings, hits = [], []
-                for _ in range(rounds):
-                    start = time.perf_counter()
-                    ping = client.app.send_task(PING_TASK)
-                    for delay in _backoff(0.5):
-                        if client.app.backend.get_task_meta(ping.id)["status"] == "SUCCESS":
-                            break
-                        time.sleep(delay)
-                    pings.append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    answer = client.submit(hit_req).result(timeout=60)
-                    hits.append(time.perf_counter() - start)
-                    assert answer.cache_source == "local"
-                rows.append(
-                    {
-                        "measure": "cache hit via queue / trivial task round trip",
-                        "baseline_s": _median(pings),
-                        "pfbuild_s": _median(hits),
-                        "ratio": _median(hits) / _median(pings),
-                        "goal": "<= 1.5",
-                    }
-                )
-
-                # 2. real build via queue vs in-process pipeline
-                direct, queued = [], []
-                for _ in range(builds):
-                    start = time.perf_counter()
-                    d = run_build(BuildRequest.model_validate(request()), local, engine)
-                    direct.append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    q = client.submit(request()).result(timeout=1800)
-                    queued.append(time.perf_counter() - start)
-                    tags += [d.image_tag, q.image_tag]
-                    assert d.cache_source == q.cache_source == "built"
-                rows.append(
-                    {
-                        "measure": "real build via queue / pipeline called directly",
-                        "baseline_s": _median(direct),
-                        "pfbuild_s": _median(queued),
-                        "ratio": _median(queued) / _median(direct),
-                        "goal": "<= 1.1",
-                    }
-                )
-
-                # 3. N concurrent submits of one new profile
-                flight = request()
-                done: list[tuple[str, float]] = []
-
-                def one() -> None:
-                    job = client.submit(flight)
-                    job.result(timeout=1800)
-                    done.append((job.id, time.time()))
-
-                threads = [threading.Thread(target=one) for _ in range(submits)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                job_ids = {j for j, _ in done}
-                meta = client.app.backend.get_task_meta(next(iter(job_ids)))
-                finished = meta["date_done"]
-                finished_ts = (
-                    finished.timestamp()
-                    if hasattr(finished, "timestamp")
-                    else datetime.fromisoformat(str(finished)).timestamp()
-                )
-                starts = sum(int(client.redis.get(Keys.starts(j)) or 0) for j in job_ids)
-                tags.append(client.job(next(iter(job_ids))).result(timeout=5).image_tag)
-                rows.append(
-                    {
-                        "measure": f"{submits} concurrent submits of one new profile",
-                        "baseline_s": 0.0,
-                        "pfbuild_s": max(ts for _, ts in done) - finished_ts,
-                        "ratio": float(starts),
-                        "goal": "builds run = 1; pfbuild_s = slowest waiter after the "
-                        "build ended, <= 1",
-                    }
-                )
+                farm = _BenchFarm(local, copy, client, work)
+                yield farm
         finally:
             worker.stop()
             server.stop()
-            for tag in tags:
+            engine = engine_from_settings(settings)
+            for tag in farm.tags if farm else []:
                 engine.remove(tag)
-    return rows
+
+
+def _bare_round_trip(app: Celery) -> float:
+    """A trivial task sent and waited for through Celery's stock Redis result backend."""
+    start = time.perf_counter()
+    app.send_task(PING_TASK).get(timeout=60)
+    return time.perf_counter() - start
+
+
+def _hit_row(farm: _BenchFarm, rounds: int) -> Row:
+    """A cache hit through the queue vs a trivial task round trip."""
+    hit_req = farm.request()
+    farm.tags.append(farm.client.submit(hit_req).result(timeout=1800).image_tag)
+    # the baseline: a bare Celery client (stock backend, pub/sub wait) on the same broker
+    bare = Celery("bench", broker=farm.client.url, backend=farm.client.url)
+    bare.conf.update(task_default_queue=QUEUE, task_serializer="json", result_serializer="json")
+    pings, hits = [], []
+    for _ in range(rounds):
+        pings.append(_bare_round_trip(bare))
+        start = time.perf_counter()
+        answer = farm.client.submit(hit_req).result(timeout=60)
+        hits.append(time.perf_counter() - start)
+        assert answer.cache_source == "local"
+    return _ratio_row(
+        "cache hit via queue (digest checked) / bare Celery round trip", pings, hits, "<= 1.5"
+    )
+
+
+def _build_row(farm: _BenchFarm, builds: int) -> Row:
+    """A real build through the queue vs the pipeline called in-process."""
+    engine = engine_from_settings(farm.settings)
+    direct, queued = [], []
+    for _ in range(builds):
+        start = time.perf_counter()
+        resolved = resolve_request(validate_request(farm.request()), farm.settings)
+        d = run_build(resolved, farm.settings, engine)
+        direct.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        q = farm.client.submit(farm.request()).result(timeout=1800)
+        queued.append(time.perf_counter() - start)
+        farm.tags += [d.image_tag, q.image_tag]
+        assert d.cache_source == q.cache_source == "built"
+    return _ratio_row("real build via queue / pipeline called directly", direct, queued, "<= 1.1")
+
+
+def _flight_row(farm: _BenchFarm, submits: int) -> Row:
+    """``submits`` concurrent submits of one new profile: builds run, slowest waiter."""
+    flight = farm.request()
+    done: list[tuple[str, float]] = []
+
+    def one() -> None:
+        job = farm.client.submit(flight)
+        job.result(timeout=1800)
+        done.append((job.id, time.time()))
+
+    threads = [threading.Thread(target=one) for _ in range(submits)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    job_ids = {j for j, _ in done}
+    first = next(iter(job_ids))
+    finished = farm.client.app.backend.get_task_meta(first)["date_done"]
+    finished_ts = (
+        finished.timestamp()
+        if hasattr(finished, "timestamp")
+        else datetime.fromisoformat(str(finished)).timestamp()
+    )
+    starts = sum(int(farm.client.redis.get(Keys.starts(j)) or 0) for j in job_ids)
+    farm.tags.append(farm.client.job(first).result(timeout=5).image_tag)
+    return {
+        "measure": f"{submits} concurrent submits of one new profile",
+        "baseline_s": 0.0,
+        "pfbuild_s": max(ts for _, ts in done) - finished_ts,
+        "ratio": float(starts),
+        "goal": "builds run = 1; pfbuild_s = slowest waiter after the build ended, <= 1",
+    }
+
+
+def digest_bench(megabytes: int = 200, files: int = 2000) -> list[Row]:
+    """The context digest's cost per MB of tree: cold (every file read) and warm (stat only)."""
+    with tempfile.TemporaryDirectory(prefix="pfbuild-dbench-") as tmp:
+        root = Path(tmp)
+        chunk = os.urandom(megabytes * 2**20 // files)
+        for i in range(files):
+            sub = root / f"d{i % 50}"
+            sub.mkdir(exist_ok=True)
+            (sub / f"f{i}.bin").write_bytes(chunk[: len(chunk) - i % 7] + bytes([i % 251]))
+        # a checkout a moment old: files changed within the last seconds are always read
+        time.sleep(2.5)
+        start = time.perf_counter()
+        cold = scan_context(root)
+        cold_s = time.perf_counter() - start
+        start = time.perf_counter()
+        warm = scan_context(root)
+        warm_s = time.perf_counter() - start
+        assert cold.digest == warm.digest
+        size_mb = cold.bytes / 2**20
+    return [
+        {
+            "measure": f"context digest, {size_mb:.0f} MB in {cold.files} files",
+            "cold_s": cold_s,
+            "warm_s": warm_s,
+            "cold_ms_per_mb": 1000 * cold_s / size_mb,
+            "warm_ms_per_mb": 1000 * warm_s / size_mb,
+        }
+    ]
+
+
+def queue_bench(
+    settings: Settings, repo: Path, rounds: int = 20, builds: int = 2, submits: int = 50
+) -> list[Row]:
+    """The queue's cost, each figure against its baseline in the same run."""
+    with _bench_farm(settings, repo) as farm:
+        return [
+            _hit_row(farm, rounds),
+            _build_row(farm, builds),
+            _flight_row(farm, submits),
+        ]

@@ -1,22 +1,23 @@
 """The tarball cache: ``{cache_dir}/{profile_id}.tar[.zst]``, streamed both ways.
 
 Saving streams ``docker save`` through zstd into a temporary file, fsyncs it, records its
-sha256 in a ``.sha256`` sidecar and renames it into place: a reader never sees a partial
-tarball. Loading streams the file (decompressing zstd on the way, since engines before 23
-refuse zstd in ``docker load``) into the engine in bounded memory, checking the sha256 as
-the bytes pass. Tarballs written by other tools (``{profile_id}.tar``, plain or gzip) are
-read too. A tarball that fails its checksum or its load is moved to ``quarantine/`` and
-the build goes on.
+sha256 in a ``.sha256`` sidecar and in the worker's trust records (see ``trust``), and
+renames it into place: a reader never sees a partial tarball. Loading first hashes the
+file and loads it only if the trust records say pfbuild saved exactly those bytes for
+exactly this tag; then it streams the file (decompressing zstd on the way, since engines
+before 23 refuse zstd in ``docker load``) into the engine in bounded memory, checking the
+sha256 again as the bytes pass. Anything else (a ``{profile_id}.tar`` another tool left,
+a tarball planted with a matching sidecar, one that is a symlink, a FIFO or a device) is
+moved to ``quarantine/`` before the engine sees it, and the build goes on.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import queue
-import tarfile
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,12 +26,15 @@ from typing import IO, Literal, cast
 
 import zstandard
 
-from pfbuild.client.errors import EngineUnavailable
+from pfbuild.client.errors import BadRequest, ImageLoadFailed, TarballRejected
+from pfbuild.client.inputs import read_bounded
 from pfbuild.client.models import TarballInfo
+from pfbuild.worker import layout
 from pfbuild.worker.artifacts import HashingWriter, atomic_file, atomic_write_text
-from pfbuild.worker.engine import Engine, LoadFailed
+from pfbuild.worker.engine import Engine, ImageInfo
+from pfbuild.worker.trust import TrustStore
 
-__all__ = ["TarballRejected", "find_tarball", "load_tarball", "quarantine", "save_tarball"]
+__all__ = ["find_tarball", "load_tarball", "quarantine", "save_tarball"]
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +43,12 @@ _CHUNK = 1024 * 1024
 _AHEAD = 8  # chunks decoded ahead of the engine
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _GZIP_MAGIC = b"\x1f\x8b"
-
-
-class TarballRejected(Exception):
-    """A cached tarball failed its checksum or its load; it has been quarantined."""
-
-    def __init__(self, reason: str, moved_to: Path | None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.moved_to = moved_to
+_SIDECAR_MAX_BYTES = 4096
 
 
 def find_tarball(cache_dir: Path, profile_id: str) -> Path | None:
     """Ours (``.tar.zst``) first, then a ``.tar`` another tool may have left."""
-    for name in (f"{profile_id}.tar.zst", f"{profile_id}.tar"):
+    for name in (layout.tarball_name(profile_id), f"{profile_id}.tar"):
         path = cache_dir / name
         if path.is_file():
             return path
@@ -63,9 +59,10 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _sniff(path: Path) -> Compression:
-    with open(path, "rb") as fh:
-        head = fh.read(4)
+def _sniff(fh: IO[bytes]) -> Compression:
+    fh.seek(0)
+    head = fh.read(4)
+    fh.seek(0)
     if head.startswith(_ZSTD_MAGIC):
         return "zstd"
     if head.startswith(_GZIP_MAGIC):
@@ -75,8 +72,9 @@ def _sniff(path: Path) -> Compression:
 
 def quarantine(path: Path, reason: str) -> Path:
     """Move a bad tarball (and its sidecar) aside so that no later run trips on it."""
-    qdir = path.parent / "quarantine"
-    if qdir.is_symlink():  # a cache folder inside a repo is the repo's to shape
+    qdir = path.parent / layout.QUARANTINE_DIR
+    if qdir.is_symlink() or (qdir.exists() and not qdir.is_dir()):
+        # a cache folder inside a repo is the repo's to shape: drop, never follow
         path.unlink(missing_ok=True)
         _sidecar(path).unlink(missing_ok=True)
         log.warning("deleted tarball %s (quarantine is a symlink): %s", path, reason)
@@ -86,7 +84,7 @@ def quarantine(path: Path, reason: str) -> Path:
     dest = qdir / f"{path.name}.{stamp}.{os.getpid()}"
     os.replace(path, dest)
     side = _sidecar(path)
-    if side.exists():
+    if side.is_symlink() or side.exists():
         os.replace(side, dest.with_name(dest.name + ".sha256"))
     log.warning("quarantined tarball %s -> %s: %s", path, dest, reason)
     return dest
@@ -155,38 +153,45 @@ def _prefetch(source: Iterator[bytes]) -> Iterator[bytes]:
         thread.join()
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256_of(fh: IO[bytes]) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
+    fh.seek(0)
+    while chunk := fh.read(_CHUNK):
+        digest.update(chunk)
+    fh.seek(0)
     return digest.hexdigest()
 
 
 def _expected_digest(path: Path) -> str | None:
-    """The sidecar's sha256; None without a sidecar, "" for one that cannot be read."""
+    """The sidecar's sha256; None without a sidecar, "" for one that cannot be read
+    (a FIFO, a device, a symlink, or more than a line)."""
     side = _sidecar(path)
-    if not side.exists():
+    if not (side.exists() or side.is_symlink()):
         return None
     try:
-        words = side.read_text(encoding="ascii").split()
-    except (OSError, UnicodeDecodeError):
+        raw = read_bounded(
+            side,
+            what="sidecar",
+            limit=_SIDECAR_MAX_BYTES,
+            follow_symlinks=False,
+        )
+        words = raw.decode("ascii").split()
+    except (BadRequest, UnicodeDecodeError):
         return ""
     return words[0] if words and len(words[0]) == 64 else ""
 
 
-def _tags_in_plain_tar(path: Path) -> list[str]:
-    """The tags a `docker save` tar's manifest.json names (seeking over the layers)."""
+def _open_regular(path: Path) -> IO[bytes] | None:
+    """``path`` opened for reading if it is a regular file (not a symlink, FIFO or device)."""
     try:
-        with tarfile.open(path, "r:") as tar:
-            member = tar.getmember("manifest.json")
-            fh = tar.extractfile(member)
-            entries = json.loads(fh.read()) if fh else []
-    except (KeyError, tarfile.TarError, json.JSONDecodeError, OSError):
-        return []  # not docker save's layout: the engine will judge it
-    if not isinstance(entries, list):
-        return []
-    return [str(t) for e in entries if isinstance(e, dict) for t in e.get("RepoTags") or []]
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def _loaded_names(lines: list[str]) -> list[str]:
@@ -199,57 +204,61 @@ def _loaded_names(lines: list[str]) -> list[str]:
     return names
 
 
-def load_tarball(engine: Engine, path: Path, tag: str) -> TarballInfo:
-    """Stream ``path`` into ``engine`` and check that it yielded ``tag``, and only it.
+def _reject(path: Path, reason: str) -> TarballRejected:
+    """Quarantine ``path`` and say why, as the error the pipeline turns into an event."""
+    moved_to = quarantine(path, reason)
+    return TarballRejected(reason, details={"moved_to": str(moved_to)})
 
-    With a sidecar, the checksum is verified before anything reaches the engine. Raises
-    :class:`TarballRejected` (after quarantining the file and untagging what it loaded)
-    when the checksum, the load or the tags are wrong.
+
+def load_tarball(
+    engine: Engine, path: Path, tag: str, *, trust: TrustStore
+) -> tuple[TarballInfo, ImageInfo]:
+    """Stream ``path`` into ``engine`` if pfbuild saved it for ``tag``; check what it loaded.
+
+    The file is hashed first, and reaches the engine only if ``trust`` records that
+    digest for exactly ``tag`` (and its sidecar, if any, agrees). Raises
+    :class:`TarballRejected` after quarantining the file otherwise, or when the load
+    fails or yields anything but ``tag``. Only ``tag`` is ever untagged: an image the
+    request does not own is never removed.
     """
-    expected = _expected_digest(path)
-    if expected is not None:
-        actual = _sha256_file(path)
-        if actual != expected:
-            mismatch = (
-                f"sha256 mismatch: sidecar says {expected or '(unreadable)'}, file is {actual}"
+    fh = _open_regular(path)
+    if fh is None:
+        raise _reject(path, "not a regular file (a symlink, FIFO or device)")
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        actual = _sha256_of(fh)
+        expected = _expected_digest(path)
+        if expected is not None and actual != expected:
+            shown = expected or "(unreadable)"
+            raise _reject(path, f"sha256 mismatch: sidecar says {shown}, file is {actual}")
+        trusted_tag = trust.tag_of(actual)
+        if trusted_tag != tag:
+            raise _reject(
+                path,
+                f"pfbuild did not save this tarball for {tag} (sha256 {actual} is not in the "
+                "worker's trust records); it is never sent to the engine",
             )
-            raise TarballRejected(mismatch, quarantine(path, mismatch))
-    compression = _sniff(path)
-    if compression == "none":
-        # a plain tar can be read for its tags without reading its layers: refuse one that
-        # would retag other images before it reaches the engine
-        retags = [t for t in _tags_in_plain_tar(path) if t != tag]
-        if retags:
-            refusal = f"the tarball would tag other images: {', '.join(retags)}"
-            raise TarballRejected(refusal, quarantine(path, refusal))
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
+        compression = _sniff(fh)
         reader = _HashingReader(fh)
         try:
             loaded = engine.load(_prefetch(_decode(reader, compression)))
-        except (LoadFailed, zstandard.ZstdError) as exc:
-            raise TarballRejected(
-                f"engine refused the tarball: {exc}", quarantine(path, str(exc))
-            ) from None
-        except EngineUnavailable:
-            if expected or not engine.ping():
-                raise  # the engine is gone, or the tarball is verified: not its fault
-            dropped = "the engine dropped the connection while loading the tarball"
-            raise TarballRejected(dropped, quarantine(path, dropped)) from None
+        except (ImageLoadFailed, zstandard.ZstdError) as exc:
+            raise _reject(path, f"engine refused the tarball: {exc}") from None
+        # the engine read the very bytes that were checked, or the file changed under us
+        changed = reader.digest.hexdigest() != actual
     foreign = [name for name in _loaded_names(loaded) if name != tag]
-    problem: str | None = None
-    if foreign:
-        problem = f"the tarball carries other images too: {', '.join(foreign)}"
-    elif engine.inspect(tag) is None:
-        problem = f"the tarball does not hold {tag}"
-    if problem:
-        for name in [tag, *foreign]:
-            if not name.startswith("sha256:"):
-                engine.remove(name)  # what it tagged cannot be trusted, ours or not
-        raise TarballRejected(problem, quarantine(path, problem))
-    return TarballInfo(
-        path=str(path), sha256=reader.digest.hexdigest(), size=size, compression=compression
-    )
+    image = None if changed or foreign else engine.inspect(tag)
+    if image is None:
+        if changed:
+            problem = "the tarball changed while it was being loaded"
+        elif foreign:
+            problem = f"the tarball carries other images too: {', '.join(foreign)}"
+        else:
+            problem = f"the tarball does not hold {tag}"
+        engine.remove(tag)  # ours, and what it points at cannot be trusted
+        raise _reject(path, problem)
+    info = TarballInfo(path=str(path), sha256=actual, size=size, compression=compression)
+    return info, image
 
 
 def save_tarball(
@@ -260,14 +269,16 @@ def save_tarball(
     *,
     level: int,
     threads: int,
-    before_commit: Callable[[], None] = lambda: None,
+    trust: TrustStore,
+    guard: Callable[[], None] = lambda: None,
 ) -> TarballInfo:
-    """Save ``tag`` as ``{profile_id}.tar.zst`` atomically, with a sha256 sidecar.
+    """Save ``tag`` as ``{profile_id}.tar.zst`` atomically, with a sha256 sidecar, and
+    record its digest in ``trust`` (the only tarballs :func:`load_tarball` loads).
 
-    ``before_commit`` runs after the data is written and before it is renamed into
+    ``guard`` runs after the data is written and before it is renamed into
     place; if it raises (the lock was lost, say), nothing appears in the cache.
     """
-    path = cache_dir / f"{profile_id}.tar.zst"
+    path = cache_dir / layout.tarball_name(profile_id)
     compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
     with atomic_file(path) as fh:
         hashing = HashingWriter(fh)
@@ -275,7 +286,8 @@ def save_tarball(
             for chunk in _prefetch(engine.save(tag)):
                 zw.write(chunk)
         digest, size = hashing.digest.hexdigest(), hashing.size
-        before_commit()
+        guard()
+        trust.record(digest, tag, size=size)
         # The sidecar lands first: the tarball's rename (on leaving this block) is the
         # commit point, and a run under the same profile lock never reads in between.
         atomic_write_text(_sidecar(path), f"{digest}  {path.name}\n")

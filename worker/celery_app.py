@@ -1,21 +1,70 @@
-"""The worker's Celery app: ``celery -A pfbuild.worker worker`` (or ``pfbuild worker``)."""
+"""The worker's Celery app: ``celery -A pfbuild.worker worker`` (or ``pfbuild worker``).
+
+The shared part (broker, backend, JSON) comes from :func:`pfbuild.client.queue.make_celery`;
+what only a consuming worker needs is configured here, each setting with its reason.
+"""
 
 from __future__ import annotations
 
 from celery import Celery
 
+from pfbuild.client.errors import QueueUnavailable
 from pfbuild.client.queue import make_celery
 from pfbuild.client.settings import Settings
 from pfbuild.worker.hosts import install as install_host
 from pfbuild.worker.tasks import register
 
-__all__ = ["create_app"]
+__all__ = ["configure_worker", "create_app"]
+
+
+def configure_worker(app: Celery, settings: Settings) -> None:
+    """The consumer's settings: how jobs are acknowledged, prefetched and time-limited."""
+    app.conf.update(
+        # Ack after the build, not before: a worker that dies mid-build leaves its job
+        # in Redis' unacked set, from which another worker gets it back.
+        task_acks_late=True,
+        # A pool process killed under a job (OOM, SIGKILL) requeues the job rather than
+        # failing it; the task caps how often (Settings.max_deliveries).
+        task_reject_on_worker_lost=True,
+        # One job reserved per process: a build takes minutes, and a job prefetched by a
+        # busy worker would wait behind it while another worker sits idle.
+        worker_prefetch_multiplier=1,
+        # Redis redelivers an unacked job after visibility_timeout; it must outlast the
+        # hard time limit or a long build runs twice (celery#5935).
+        # Workers sweep for such orphans every 10 s (kombu's default scans only every
+        # 10th sweep, so a dead worker's job would wait up to 100 s more).
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+        },
+        # The soft limit raises inside the build so it releases its lock and reports a
+        # structured timeout; the hard limit kills what ignores it.
+        task_soft_time_limit=settings.build_soft_time_limit,
+        task_time_limit=settings.build_time_limit,
+        # If the broker connection drops, cancel running builds: their acks would be lost
+        # anyway and the jobs redelivered, so finishing them would only build twice.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Say explicitly that a worker started before Redis keeps retrying to connect.
+        broker_connection_retry_on_startup=True,
+        # No STARTED: the task publishes its own stages, and a STARTED stored by each lock
+        # retry would send a waiting job's state backwards.
+        task_track_started=False,
+        worker_hijack_root_logger=False,
+    )
 
 
 def create_app(settings: Settings | None = None, redis_url: str | None = None) -> Celery:
-    """A Celery app with the build task registered, configured from ``settings``."""
+    """A worker's Celery app with the build task registered, configured from ``settings``."""
     settings = settings or Settings()
-    app = make_celery(settings, redis_url, name="pfbuild.worker")
+    url = redis_url or settings.redis_url
+    if not url:
+        raise QueueUnavailable(
+            "no Redis configured for the worker: set PFBUILD_REDIS_URL "
+            "(`pfbuild submit --wait` runs an embedded broker and worker instead)"
+        )
+    app = make_celery(settings, url, name="pfbuild.worker")
+    configure_worker(app, settings)
     register(app, settings)
     install_host(app, settings)  # its own queue, heartbeat and images held, in Redis
     return app

@@ -10,36 +10,43 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
 import docker
 import docker.errors
 import requests.exceptions
+import urllib3.exceptions
 
-from pfbuild.client.errors import EngineUnavailable, PfbuildError
+from pfbuild.client.errors import (
+    BuildIdleTimeout,
+    EngineError,
+    EngineUnavailable,
+    ImageLoadFailed,
+)
+from pfbuild.client.settings import Settings
 
 __all__ = [
     "BuildOutcome",
+    "BuildSpec",
     "DockerEngine",
     "Engine",
     "ImageInfo",
-    "LoadFailed",
     "RegistryFailed",
+    "engine_from_settings",
     "parse_step",
 ]
 
 _STEP_RE = re.compile(r"^Step (\d+)/(\d+) :")
+# A log line longer than this is cut into pieces as it arrives: a build printing megabytes
+# without a newline costs neither quadratic time nor unbounded memory.
+MAX_LOG_LINE = 16 * 1024
 
 
 def parse_step(line: str) -> tuple[int, int] | None:
     """``(i, n)`` from a classic-builder ``Step i/n :`` line, else None."""
     found = _STEP_RE.match(line)
     return (int(found.group(1)), int(found.group(2))) if found else None
-
-
-class LoadFailed(Exception):
-    """The engine refused a tarball (internal to the cache stage)."""
 
 
 class RegistryFailed(Exception):
@@ -53,11 +60,28 @@ class ImageInfo:
     labels: dict[str, str]
 
 
+@dataclass(frozen=True)
+class BuildSpec:
+    """What to build: the tag, the Dockerfile's name inside the context, and how."""
+
+    tag: str
+    dockerfile: str
+    cache_from: list[str] = field(default_factory=list)
+    nocache: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    idle_timeout: float | None = None  # seconds of silence before the build is stopped
+
+
 @dataclass
 class BuildOutcome:
-    ok: bool
-    image_id: str | None
+    """How one build ended: the image it made, or the engine's error."""
+
+    image: ImageInfo | None
     error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.image is not None
 
 
 class Engine(Protocol):
@@ -72,23 +96,19 @@ class Engine(Protocol):
         """The image behind ``tag``, or None when this engine does not hold it."""
 
     def build(
-        self,
-        context: IO[bytes],
-        *,
-        tag: str,
-        dockerfile: str,
-        cache_from: list[str],
-        nocache: bool,
-        labels: dict[str, str],
-        on_line: Callable[[str], None],
+        self, context: IO[bytes], spec: BuildSpec, on_line: Callable[[str], None]
     ) -> BuildOutcome:
-        """Build ``context``; every log line goes to ``on_line`` as it arrives."""
+        """Build ``context`` as ``spec`` says; every log line goes to ``on_line`` as it
+        arrives. A build silent for ``spec.idle_timeout`` seconds is stopped and raises
+        :class:`BuildIdleTimeout`."""
 
     def save(self, tag: str) -> Iterator[bytes]:
         """Stream ``tag`` out as an (uncompressed) image tarball."""
 
     def load(self, data: Iterable[bytes] | IO[bytes]) -> list[str]:
-        """Stream a plain or gzip tarball in; returns what the engine reported loading."""
+        """Stream a plain or gzip tarball in; returns what the engine reported loading.
+
+        Raises :class:`ImageLoadFailed` when the engine refuses the tarball."""
 
     def remove(self, tag: str) -> None:
         """Untag ``tag`` (and drop its layers if no other tag holds them)."""
@@ -109,6 +129,42 @@ class Engine(Protocol):
 _UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
 
 
+class _Lines:
+    """Engine output cut into lines for ``on_line``; a line without end is cut at
+    ``MAX_LOG_LINE``, never hoarded."""
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self.on_line = on_line
+        self.pending = ""
+
+    def feed(self, chunk: str) -> None:
+        self.pending += chunk
+        if "\n" in chunk:
+            *lines, self.pending = self.pending.split("\n")
+            for line in lines:
+                self.on_line(line[:MAX_LOG_LINE])
+        while len(self.pending) > MAX_LOG_LINE:
+            self.on_line(self.pending[:MAX_LOG_LINE])
+            self.pending = self.pending[MAX_LOG_LINE:]
+
+    def flush(self) -> None:
+        if self.pending:
+            self.on_line(self.pending)
+            self.pending = ""
+
+
+def _follow(stream: Iterable[dict[str, Any]], lines: _Lines) -> str | None:
+    """Feed a build's decoded stream to ``lines``; the engine's error, if it sent one."""
+    error: str | None = None
+    for item in stream:
+        if "stream" in item:
+            lines.feed(str(item["stream"]))
+        elif "error" in item:
+            error = str(item["error"]).strip()
+            lines.on_line(f"ERROR: {error}")
+    return error
+
+
 class DockerEngine:
     """A real engine at ``base_url`` (``DOCKER_HOST`` syntax)."""
 
@@ -116,6 +172,10 @@ class DockerEngine:
         self.host = base_url
         try:
             self.api = docker.APIClient(base_url=base_url, timeout=timeout, version="auto")
+            if base_url.startswith("unix://"):
+                # no proxy or netrc applies to a local socket; looking them up costs more
+                # than the inspect of a cache hit itself
+                self.api.trust_env = False
         except (docker.errors.DockerException, *_UNREACHABLE) as exc:
             raise EngineUnavailable(
                 f"cannot reach the Docker engine at {base_url}: {exc}. "
@@ -141,43 +201,30 @@ class DockerEngine:
         return ImageInfo(id=str(info["Id"]), labels={str(k): str(v) for k, v in labels.items()})
 
     def build(
-        self,
-        context: IO[bytes],
-        *,
-        tag: str,
-        dockerfile: str,
-        cache_from: list[str],
-        nocache: bool,
-        labels: dict[str, str],
-        on_line: Callable[[str], None],
+        self, context: IO[bytes], spec: BuildSpec, on_line: Callable[[str], None]
     ) -> BuildOutcome:
-        pending = ""
+        lines = _Lines(on_line)
         error: str | None = None
-        image_id: str | None = None
         try:
             stream = self.api.build(
                 fileobj=context,
                 custom_context=True,
-                tag=tag,
-                dockerfile=dockerfile,
-                cache_from=cache_from or None,
-                nocache=nocache,
-                labels=labels,
+                tag=spec.tag,
+                dockerfile=spec.dockerfile,
+                cache_from=spec.cache_from or None,
+                nocache=spec.nocache,
+                labels=spec.labels,
                 rm=True,
                 forcerm=True,
                 decode=True,
+                # each read of the stream waits at most this long: the engine stops the
+                # build when the connection closes, so a silent build ends here
+                timeout=spec.idle_timeout,
             )
-            for item in stream:
-                if "stream" in item:
-                    pending += str(item["stream"])
-                    *lines, pending = pending.split("\n")
-                    for line in lines:
-                        on_line(line)
-                elif "error" in item:
-                    error = str(item["error"]).strip()
-                    on_line(f"ERROR: {error}")
-                elif isinstance(item.get("aux"), dict) and "ID" in item["aux"]:
-                    image_id = str(item["aux"]["ID"])
+            error = _follow(stream, lines)
+        except (urllib3.exceptions.ReadTimeoutError, requests.exceptions.ReadTimeout) as exc:
+            lines.flush()
+            raise self._silent(spec.idle_timeout, exc) from None
         except _UNREACHABLE as exc:
             raise EngineUnavailable(
                 f"Docker engine at {self.host} failed mid-build: {exc}"
@@ -185,22 +232,35 @@ class DockerEngine:
         except docker.errors.APIError as exc:
             error = f"engine refused the build: {exc.explanation or exc}"
             on_line(f"ERROR: {error}")
-        if pending:
-            on_line(pending)
-        if error is None:
-            built = self.inspect(tag)
-            image_id = built.id if built else None
-            if image_id is None:
-                error = "the engine reported success but the image tag is missing"
-        return BuildOutcome(ok=error is None, image_id=image_id, error=error)
+        lines.flush()
+        if error is not None:
+            return BuildOutcome(image=None, error=error)
+        built = self.inspect(spec.tag)
+        if built is None:
+            return BuildOutcome(None, "the engine reported success but the image tag is missing")
+        return BuildOutcome(image=built, error=None)
+
+    def _silent(
+        self, idle_timeout: float | None, exc: Exception
+    ) -> EngineUnavailable | BuildIdleTimeout:
+        """The error for a build stream that stopped talking: the engine's, or the build's."""
+        if idle_timeout is None or not self.ping():
+            return EngineUnavailable(
+                f"Docker engine at {self.host} stopped answering mid-build: {exc}"
+            )
+        return BuildIdleTimeout(
+            f"the build printed nothing for {idle_timeout:g}s and was stopped "
+            "(an install command waiting for input or a hung download?); "
+            "raise PFBUILD_IDLE_TIMEOUT if it is just slow and quiet",
+            details={"idle_timeout": idle_timeout},
+        )
 
     def save(self, tag: str) -> Iterator[bytes]:
         try:
             yield from self.api.get_image(tag)
         except docker.errors.APIError as exc:
-            raise PfbuildError(
-                f"the engine could not save {tag}: {exc.explanation or exc}"
-            ) from None
+            why = exc.explanation or exc
+            raise EngineError(f"the engine could not save {tag}: {why}") from None
         except _UNREACHABLE as exc:
             raise EngineUnavailable(
                 f"Docker engine at {self.host} failed during save: {exc}"
@@ -211,11 +271,11 @@ class DockerEngine:
         try:
             for item in self.api.load_image(data):
                 if "error" in item:
-                    raise LoadFailed(str(item["error"]).strip())
+                    raise ImageLoadFailed(str(item["error"]).strip())
                 if "stream" in item:
                     loaded.append(str(item["stream"]).strip())
         except docker.errors.APIError as exc:
-            raise LoadFailed(str(exc.explanation or exc)) from None
+            raise ImageLoadFailed(str(exc.explanation or exc)) from None
         except _UNREACHABLE as exc:
             raise EngineUnavailable(
                 f"Docker engine at {self.host} failed during load: {exc}"
@@ -284,3 +344,7 @@ class DockerEngine:
         return sorted(
             str(t) for image in images for t in image.get("RepoTags") or [] if t != "<none>:<none>"
         )
+
+def engine_from_settings(settings: Settings) -> DockerEngine:
+    """The engine this worker talks to (``DOCKER_HOST``), with the configured API timeout."""
+    return DockerEngine(settings.docker_host_name(), timeout=settings.docker_timeout)

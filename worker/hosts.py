@@ -193,68 +193,89 @@ def install(app: Celery, settings: Settings) -> None:
     """Give a worker app its host queue, heartbeat and job records (see the module doc)."""
     queues = [QUEUE, host_queue(settings.host_id)]
     app.conf.task_queues = [Queue(name) for name in queues]  # type: ignore[no-untyped-call]
-    local: dict[str, Any] = {}
-
-    def client() -> redis.Redis:
-        # one per process: the heartbeat runs in the main process, tasks in pool children
-        if local.get("pid") != os.getpid():
-            local.update(pid=os.getpid(), redis=redis.Redis.from_url(app.conf.broker_url))
-        return local["redis"]  # type: ignore[no-any-return]
+    client = _per_process_redis(app)
+    local: dict[str, HostAgent] = {}
 
     def on_ready(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is not app:
-            return
-        engine: dict[str, Engine] = {}
-
-        def get_engine() -> Engine:
-            if "e" not in engine:
-                engine["e"] = DockerEngine(settings.docker_host_name(), timeout=30)
-            return engine["e"]
-
-        agent = HostAgent(
-            settings,
-            client(),
-            get_engine,
-            node=str(getattr(sender, "hostname", "") or settings.host_id),
-            queues=queues,
-            concurrency=int(getattr(getattr(sender, "controller", None), "concurrency", 0) or 0),
-        )
-        try:
-            agent.start()
-        except Exception as exc:  # the farm still works without it: unrouted
-            log.warning("host %s: could not register: %s", settings.host_id, exc)
-        local["agent"] = agent
+        if getattr(sender, "app", None) is app:
+            local["agent"] = _start_agent(settings, client(), sender, queues)
 
     def on_shutdown(**_: Any) -> None:
         agent = local.pop("agent", None)
         if agent is not None:
             agent.stop()
 
+    # weak=False: the handlers are closures that nothing else holds
+    worker_ready.connect(on_ready, weak=False)
+    worker_shutdown.connect(on_shutdown, weak=False)
+    _track_jobs(app, settings, client)
+
+
+def _per_process_redis(app: Celery) -> Callable[[], redis.Redis]:
+    """One client per process: the heartbeat runs in the main process, tasks in pool
+    children (a connection does not survive a fork)."""
+    local: dict[str, Any] = {}
+
+    def client() -> redis.Redis:
+        if local.get("pid") != os.getpid():
+            local.update(pid=os.getpid(), redis=redis.Redis.from_url(app.conf.broker_url))
+        return local["redis"]  # type: ignore[no-any-return]
+
+    return client
+
+
+def _start_agent(
+    settings: Settings, client: redis.Redis, consumer: Any, queues: list[str]
+) -> HostAgent:
+    engine: dict[str, Engine] = {}
+
+    def get_engine() -> Engine:
+        if "e" not in engine:
+            engine["e"] = DockerEngine(settings.docker_host_name(), timeout=30)
+        return engine["e"]
+
+    agent = HostAgent(
+        settings,
+        client,
+        get_engine,
+        node=str(getattr(consumer, "hostname", "") or settings.host_id),
+        queues=queues,
+        concurrency=int(getattr(getattr(consumer, "controller", None), "concurrency", 0) or 0),
+    )
+    try:
+        agent.start()
+    except Exception as exc:  # the farm still works without it: unrouted
+        log.warning("host %s: could not register: %s", settings.host_id, exc)
+    return agent
+
+
+def _track_jobs(app: Celery, settings: Settings, client: Callable[[], redis.Redis]) -> None:
+    """Keep the host's running jobs, and the image a finished job left in the engine."""
+    jobs, images = HostKeys.jobs(settings.host_id), HostKeys.images(settings.host_id)
+
+    def ours(task: Any) -> bool:
+        return getattr(task, "app", None) is app and getattr(task, "name", "") == TASK_NAME
+
     def on_prerun(sender: Any = None, task_id: str = "", kwargs: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is not app or getattr(sender, "name", "") != TASK_NAME:
-            return
-        try:
-            profile_id = str((kwargs or {}).get("profile_id", ""))
-            client().hset(HostKeys.jobs(settings.host_id), task_id, profile_id)
-        except redis.RedisError as exc:
-            log.warning("could not record job %s: %s", task_id, exc)
+        if ours(sender):
+            try:
+                client().hset(jobs, task_id, str((kwargs or {}).get("profile_id", "")))
+            except redis.RedisError as exc:
+                log.warning("could not record job %s: %s", task_id, exc)
 
     def on_postrun(
         sender: Any = None, task_id: str = "", retval: Any = None, state: str = "", **_: Any
     ) -> None:
-        if getattr(sender, "app", None) is not app or getattr(sender, "name", "") != TASK_NAME:
+        if not ours(sender):
             return
         try:
             pipe = client().pipeline(transaction=False)
-            pipe.hdel(HostKeys.jobs(settings.host_id), task_id)
+            pipe.hdel(jobs, task_id)
             if state == "SUCCESS" and isinstance(retval, dict) and retval.get("profile_id"):
-                pipe.sadd(HostKeys.images(settings.host_id), str(retval["profile_id"]))
+                pipe.sadd(images, str(retval["profile_id"]))
             pipe.execute()
         except redis.RedisError as exc:
             log.warning("could not record the end of job %s: %s", task_id, exc)
 
-    # weak=False: the handlers are closures that nothing else holds
-    worker_ready.connect(on_ready, weak=False)
-    worker_shutdown.connect(on_shutdown, weak=False)
     task_prerun.connect(on_prerun, weak=False)
     task_postrun.connect(on_postrun, weak=False)

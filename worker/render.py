@@ -1,4 +1,6 @@
-"""Deterministic Dockerfiles (SPEC §3): the same profile and variant give the same bytes.
+"""Deterministic Dockerfiles: the same profile and variant give the same bytes.
+
+The rules are in docs/design.md ("The Dockerfile").
 
 Nothing here reads the clock, the host or the order of keys in the profile file: env is
 sorted, commands keep their given order, and every value is escaped for Dockerfile syntax.

@@ -9,6 +9,7 @@ import redis
 
 from pfbuild.client.queue import Keys, make_celery
 from pfbuild.client.settings import Settings
+from pfbuild.worker.celery_app import configure_worker
 from pfbuild.worker.lock import ProfileLock
 from pfbuild.worker.tasks import register
 from tests.fakes import FakeEngine
@@ -19,6 +20,7 @@ PROFILE = {"install_cmds": ["pip install ."], "env": {}}
 def _setup(url: str, tmp_path: Path, engine: FakeEngine) -> tuple[Any, dict[str, Any], Path]:
     settings = Settings(redis_url=url, tmp_dir=tmp_path / "t", host_id="h", max_deliveries=2)
     app = make_celery(settings, url)
+    configure_worker(app, settings)
     task = register(app, settings, engine_factory=lambda: engine)
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -26,6 +28,7 @@ def _setup(url: str, tmp_path: Path, engine: FakeEngine) -> tuple[Any, dict[str,
 
     kwargs = {"request": {"repo_dir": str(repo), "profile": PROFILE, "force_rebuild": False},
               "profile_id": parse_profile(PROFILE).profile_id, "submitted_at": 0.0}
+    kwargs["flight"] = Keys.flight(str(kwargs["profile_id"]), False, str(repo))
     return task, kwargs, repo
 
 
@@ -41,9 +44,9 @@ def test_a_build_that_loses_its_lock_publishes_nothing(url: str, tmp_path: Path)
         return ["Step 1/2 : FROM x", "Step 2/2 : RUN y"]
 
     engine.build_log = steal
-    r.set(Keys.flight(pid, False), "job-1")
+    r.set(kwargs["flight"], "job-1")
     result = task.apply(kwargs=kwargs, task_id="job-1")
-    assert r.get(Keys.flight(pid, False)) == b"job-1"  # the flight goes on
+    assert r.get(kwargs["flight"]) == b"job-1"  # the flight goes on
     assert result.state == "REJECTED"  # requeued, not failed: no flight is ended
     assert not list((repo / ".pf_manifest").rglob("manifest.json"))
     assert not list((tmp_path / "t" / "image-cache").glob("*.tar*"))
@@ -61,13 +64,13 @@ def test_success_returns_the_answer_and_ends_the_flight(url: str, tmp_path: Path
     engine = FakeEngine()
     task, kwargs, _ = _setup(url, tmp_path, engine)
     r = redis.Redis.from_url(url)
-    r.set(Keys.flight(kwargs["profile_id"], False), "job-3")
+    r.set(kwargs["flight"], "job-3")
     result = task.apply(kwargs=kwargs, task_id="job-3")
     assert result.state == "SUCCESS" and result.result["cache_source"] == "built"
     assert result.result["docker_host"] == "h" and result.result["manifest"]["worker"]
-    assert r.get(Keys.flight(kwargs["profile_id"], False)) is None
+    assert r.get(kwargs["flight"]) is None
     assert r.get(Keys.lock(kwargs["profile_id"])) is None  # released
-    assert int(r.get(Keys.starts("job-3"))) == 1
+    assert int(r.get(Keys.starts("job-3")) or 0) == 1
 
 
 def test_a_cancelled_job_never_builds(url: str, tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ import pytest
 
 from pfbuild.client.models import BuildRequest
 from pfbuild.client.settings import Settings
-from pfbuild.worker.pipeline import run_build
 from tests.conftest import missing
+from tests.fakes import run_request
 
 pytestmark = pytest.mark.docker
 
@@ -53,7 +53,7 @@ def test_project_builds_and_its_own_tests_pass(spec: str, docker_engine, tmp_pat
     profile = {"python_version_target": "3.11", "install_cmds": install,
                "env": {"PYTHONDONTWRITEBYTECODE": "1", "PFTEST_NONCE": uuid.uuid4().hex},
                "project": spec}
-    answer = run_build(BuildRequest(repo_dir=str(repo), profile=profile), settings,
+    answer = run_request(BuildRequest(repo_dir=str(repo), profile=profile), settings,
                        docker_engine)
     cleanup_images.append(answer.image_tag)
     assert answer.cache_source == "built"

@@ -12,7 +12,7 @@ import pytest
 
 from pfbuild.client.models import BuildRequest
 from pfbuild.client.settings import Settings
-from pfbuild.worker.pipeline import run_build
+from tests.fakes import run_request as run_build
 from tests.hostsupport import BuildCounter, delete_from_registry
 
 pytestmark = pytest.mark.docker

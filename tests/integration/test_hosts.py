@@ -78,7 +78,7 @@ def farm(docker_engine, host_b, registry_addr: str,  # type: ignore[no-untyped-d
 def _request(farm: dict[str, Any], *cmds: str) -> dict[str, Any]:
     repo = farm["dir"] / f"repo-{uuid.uuid4().hex[:8]}"
     if not repo.exists():
-        shutil.copytree(Path(__file__).parent.parent / "examples" / "hello", repo)
+        shutil.copytree(Path(__file__).parents[2] / "examples" / "hello", repo)
     profile = json.loads((repo / "repo_profile.json").read_text())
     profile["env"]["PFTEST_NONCE"] = uuid.uuid4().hex
     if cmds:

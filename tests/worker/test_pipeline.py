@@ -12,8 +12,7 @@ import pytest
 from pfbuild.client.errors import BadRequest, BuildFailed
 from pfbuild.client.models import BuildRequest
 from pfbuild.client.settings import Settings
-from pfbuild.worker.pipeline import run_build
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, run_request
 
 PROFILE = {"python_version_target": "3.7", "install_cmds": ["pip install -e ."], "env": {}}
 
@@ -32,14 +31,14 @@ def repo(tmp_path: Path) -> Path:
 
 def test_build_then_local_then_tarball(repo: Path, settings: Settings) -> None:
     engine = FakeEngine()
-    first = run_build(_req(repo), settings, engine)
+    first = run_request(_req(repo), settings, engine)
     assert (first.cache_source, first.reused_cache, len(engine.builds)) == ("built", False, 1)
     assert first.manifest.tarball and Path(first.manifest.tarball.path).exists()
     assert Path(first.manifest.tarball.path).parent == settings.tmp_dir / "image-cache"  # type: ignore[operator]
-    second = run_build(_req(repo), settings, engine)
+    second = run_request(_req(repo), settings, engine)
     assert (second.cache_source, second.reused_cache, len(engine.builds)) == ("local", True, 1)
     engine.images.clear()
-    third = run_build(_req(repo), settings, engine)
+    third = run_request(_req(repo), settings, engine)
     assert (third.cache_source, engine.loads, len(engine.builds)) == ("tarball", 1, 1)
     manifest = json.loads(Path(third.manifest_path).read_text())
     assert manifest["cache_source"] == "tarball" and manifest["image_id"] == third.image_id
@@ -47,8 +46,8 @@ def test_build_then_local_then_tarball(repo: Path, settings: Settings) -> None:
 
 def test_force_rebuild_skips_caches_and_uses_nocache(repo: Path, settings: Settings) -> None:
     engine = FakeEngine()
-    run_build(_req(repo), settings, engine)
-    forced = run_build(_req(repo, force_rebuild=True), settings, engine)
+    run_request(_req(repo), settings, engine)
+    forced = run_request(_req(repo, force_rebuild=True), settings, engine)
     assert forced.cache_source == "built" and len(engine.builds) == 2
     assert engine.builds[1]["nocache"] is True
     assert engine.builds[1]["cache_from"] == [forced.image_tag]
@@ -57,11 +56,11 @@ def test_force_rebuild_skips_caches_and_uses_nocache(repo: Path, settings: Setti
 
 def test_bad_tarball_is_quarantined_and_the_build_goes_on(repo: Path, settings: Settings) -> None:
     engine = FakeEngine()
-    answer = run_build(_req(repo), settings, engine)
+    answer = run_request(_req(repo), settings, engine)
     engine.images.clear()
     path = Path(answer.manifest.tarball.path)  # type: ignore[union-attr]
     path.write_bytes(b"\x28\xb5\x2f\xfd" + b"junk" * 100)
-    again = run_build(_req(repo), settings, engine)
+    again = run_request(_req(repo), settings, engine)
     assert again.cache_source == "built" and len(engine.builds) == 2
     assert any("rejected" in e for e in again.manifest.events)
     assert list((path.parent / "quarantine").iterdir())
@@ -73,7 +72,7 @@ def test_ladder_records_each_attempt(repo: Path, settings: Settings) -> None:
         [] if "python3-dev" in df else ["fatal error: Python.h: No such file or directory"]
     )
     engine.build_ok = lambda df: "python3-dev" in df
-    answer = run_build(_req(repo), settings, engine)
+    answer = run_request(_req(repo), settings, engine)
     assert [a.variant for a in answer.attempts] == ["standard", "builder"]
     assert [a.ok for a in answer.attempts] == [False, True]
     assert answer.build_variant == "builder"
@@ -88,7 +87,7 @@ def test_failure_is_classified_logged_and_counted(repo: Path, settings: Settings
     engine.build_ok = lambda df: False
     for _ in range(2):
         with pytest.raises(BuildFailed) as info:
-            run_build(_req(repo), settings, engine)
+            run_request(_req(repo), settings, engine)
     err = info.value.to_info()
     assert err.failure and err.failure.failure_class.value == "platform_incompatible_dependency"
     assert err.build_log_path and "pywin32" in Path(err.build_log_path).read_text()
@@ -100,9 +99,9 @@ def test_failure_is_classified_logged_and_counted(repo: Path, settings: Settings
 
 def test_two_profiles_in_one_repo_keep_their_own_artifacts(repo: Path, settings: Settings) -> None:
     engine = FakeEngine()
-    a = run_build(_req(repo), settings, engine)
+    a = run_request(_req(repo), settings, engine)
     other = {**PROFILE, "install_cmds": ["pip install ."]}
-    b = run_build(BuildRequest(repo_dir=str(repo), profile=other), settings, engine)
+    b = run_request(BuildRequest(repo_dir=str(repo), profile=other), settings, engine)
     assert a.profile_id != b.profile_id
     assert len({a.build_log_path, b.build_log_path}) == 2
     assert len({a.manifest_path, b.manifest_path}) == 2
@@ -112,12 +111,12 @@ def test_two_profiles_in_one_repo_keep_their_own_artifacts(repo: Path, settings:
 
 def test_build_context_excludes_pfbuild_output(repo: Path, settings: Settings) -> None:
     engine = FakeEngine()
-    run_build(_req(repo), settings, engine)  # writes .pf_manifest/... and a build.log
+    run_request(_req(repo), settings, engine)  # writes .pf_manifest/... and a build.log
     (repo / ".pf_manifest" / "note.txt").write_text("more of pfbuild's own output")
-    run_build(_req(repo, force_rebuild=True), settings, engine)
+    run_request(_req(repo, force_rebuild=True), settings, engine)
     assert engine.builds[0]["sources"] == engine.builds[1]["sources"]
     (repo / "setup.py").write_text("# changed")
-    run_build(_req(repo, force_rebuild=True), settings, engine)
+    run_request(_req(repo, force_rebuild=True), settings, engine)
     assert engine.builds[2]["sources"] != engine.builds[1]["sources"]
     assert not any(str(m).startswith(".pf_manifest") for m in engine.builds[1]["members"])  # type: ignore[attr-defined]
 
@@ -136,7 +135,7 @@ def test_bad_input_changes_nothing(
     engine = FakeEngine()
     before = sorted(p for p in repo.parent.rglob("*"))
     with pytest.raises(BadRequest, match=says):
-        run_build(BuildRequest.model_validate({"repo_dir": str(repo), "profile": PROFILE,
+        run_request(BuildRequest.model_validate({"repo_dir": str(repo), "profile": PROFILE,
                                                **change}), settings, engine)
     assert engine.builds == [] and sorted(p for p in repo.parent.rglob("*")) == before
 
@@ -146,15 +145,15 @@ def test_allowed_roots_refuse_paths_outside(repo: Path, tmp_path: Path) -> None:
     inside.mkdir()
     s = Settings(allowed_roots=[inside], host_id="h")
     with pytest.raises(BadRequest, match="outside"):
-        run_build(_req(repo), s, FakeEngine())
+        run_request(_req(repo), s, FakeEngine())
     ok_repo = inside / "r"
     ok_repo.mkdir()
     with pytest.raises(BadRequest, match="image_cache_dir"):
-        run_build(_req(ok_repo, image_cache_dir="/etc"), s, FakeEngine())
+        run_request(_req(ok_repo, image_cache_dir="/etc"), s, FakeEngine())
     link = inside / "escape"
     link.symlink_to(repo)
     with pytest.raises(BadRequest, match="outside"):
-        run_build(_req(link), s, FakeEngine())
+        run_request(_req(link), s, FakeEngine())
 
 
 def test_symlinked_output_folders_are_refused(repo: Path, settings: Settings,
@@ -163,11 +162,11 @@ def test_symlinked_output_folders_are_refused(repo: Path, settings: Settings,
     outside.mkdir()
     (repo / ".pf_manifest").symlink_to(outside)
     with pytest.raises(BadRequest, match="symbolic link"):
-        run_build(_req(repo), settings, FakeEngine())
+        run_request(_req(repo), settings, FakeEngine())
     (repo / ".pf_manifest").unlink()
     (repo / ".tmp-test").symlink_to(outside)
     with pytest.raises(BadRequest, match="symbolic link"):
-        run_build(_req(repo), Settings(host_id="h"), FakeEngine())  # default cache in repo
+        run_request(_req(repo), Settings(host_id="h"), FakeEngine())  # default cache in repo
     assert list(outside.iterdir()) == []
 
 
@@ -183,7 +182,7 @@ def test_interrupted_build_keeps_its_log_but_a_lost_lock_does_not(repo: Path,
 
         engine.build_log = boom
         with pytest.raises(type(exc)):
-            run_build(_req(repo, force_rebuild=True), settings, engine)
+            run_request(_req(repo, force_rebuild=True), settings, engine)
         logs = list(repo.rglob("build.log"))
         if kept:
             assert logs and "interrupted: EngineUnavailable" in logs[0].read_text()
@@ -195,7 +194,7 @@ def test_interrupted_build_keeps_its_log_but_a_lost_lock_does_not(repo: Path,
 
 def test_stale_temporary_files_are_swept(repo: Path, settings: Settings) -> None:
     engine = FakeEngine()
-    first = run_build(_req(repo), settings, engine)
+    first = run_request(_req(repo), settings, engine)
     art = Path(first.manifest_path).parent
     cache_dir = Path(first.manifest.tarball.path).parent  # type: ignore[union-attr]
     leftovers = [art / ".build.log.dead.tmp",
@@ -206,6 +205,6 @@ def test_stale_temporary_files_are_swept(repo: Path, settings: Settings) -> None
     old = time.time() - settings.build_time_limit - 60
     for p in leftovers:
         os.utime(p, (old, old))
-    run_build(_req(repo), settings, engine)
+    run_request(_req(repo), settings, engine)
     assert not any(p.exists() for p in leftovers)
     assert live.exists()

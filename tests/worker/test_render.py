@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -9,14 +10,14 @@ from pfbuild.client.profile import parse_profile
 from pfbuild.worker.render import VARIANTS, escape_env_value, render
 
 GOLDEN = Path(__file__).parent / "golden"
-PROFILE = {
+PROFILE: dict[str, Any] = {
     "python_version_target": "3.8.18",
     "install_cmds": ["pip install -r requirements.txt", "   ", "pip install -e ."],
     "env": {"ZED": "last", "ALPHA": 'a "quoted" $HOME \\ value', "MID": "with spaces"},
 }
 
 
-def _render(doc: dict[str, object], variant: str) -> str:
+def _render(doc: dict[str, Any], variant: str) -> str:
     return render(
         parse_profile(doc),
         VARIANTS[variant],

@@ -12,7 +12,7 @@ import pytest
 from pfbuild.client.errors import BuildFailed
 from pfbuild.client.models import BuildRequest, FailureClass
 from pfbuild.client.settings import Settings
-from pfbuild.worker.pipeline import run_build
+from tests.fakes import run_request
 
 pytestmark = pytest.mark.docker
 
@@ -30,7 +30,7 @@ def test_build_reuse_and_tarball_reload(docker_engine, hello_repo: Path, setting
     profile = _profile(hello_repo)
     profile["install_cmds"] = [*profile["install_cmds"], "pip install pytest==8.3.3"]  # type: ignore[misc]
     request = BuildRequest(repo_dir=str(hello_repo), profile=profile)
-    built = run_build(request, settings, docker_engine)
+    built = run_request(request, settings, docker_engine)
     cleanup_images.append(built.image_tag)
     assert built.cache_source == "built" and built.build_variant == "standard"
     assert built.timings.build > 0 and built.timings.save > 0
@@ -45,12 +45,12 @@ def test_build_reuse_and_tarball_reload(docker_engine, hello_repo: Path, setting
                                 remove=True)
     assert b"1 passed" in out
 
-    local = run_build(request, settings, docker_engine)
+    local = run_request(request, settings, docker_engine)
     assert (local.cache_source, local.reused_cache, local.image_id) == ("local", True,
                                                                          built.image_id)
     docker_engine.remove(built.image_tag)
     assert docker_engine.inspect(built.image_tag) is None
-    reloaded = run_build(request, settings, docker_engine)
+    reloaded = run_request(request, settings, docker_engine)
     assert reloaded.cache_source == "tarball" and reloaded.image_id == built.image_id
     assert reloaded.timings.load > 0 and reloaded.build_variant == "standard"
 
@@ -60,7 +60,7 @@ def test_build_reuse_and_tarball_reload(docker_engine, hello_repo: Path, setting
     with open(tarball, "r+b") as fh:
         fh.seek(tarball.stat().st_size // 2)
         fh.write(b"\0" * 4096)
-    rebuilt = run_build(request, settings, docker_engine)
+    rebuilt = run_request(request, settings, docker_engine)
     assert rebuilt.cache_source == "built"
     assert any("rejected" in e and "sha256 mismatch" in e for e in rebuilt.manifest.events)
     assert len(list((tarball.parent / "quarantine").iterdir())) >= 1
@@ -70,11 +70,11 @@ def test_build_reuse_and_tarball_reload(docker_engine, hello_repo: Path, setting
 def test_artifacts_do_not_invalidate_the_copy_layer(docker_engine, hello_repo: Path,
                                                     settings: Settings,
                                                     cleanup_images: list[str]) -> None:  # type: ignore[no-untyped-def]
-    first = run_build(BuildRequest(repo_dir=str(hello_repo), profile=_profile(hello_repo)),
+    first = run_request(BuildRequest(repo_dir=str(hello_repo), profile=_profile(hello_repo)),
                       settings, docker_engine)
     cleanup_images.append(first.image_tag)
     assert (hello_repo / ".pf_manifest").is_dir()  # pfbuild wrote into the repo...
-    second = run_build(BuildRequest(repo_dir=str(hello_repo), profile=_profile(hello_repo)),
+    second = run_request(BuildRequest(repo_dir=str(hello_repo), profile=_profile(hello_repo)),
                        settings, docker_engine)
     cleanup_images.append(second.image_tag)
     log = Path(second.build_log_path).read_text().splitlines()
@@ -86,7 +86,7 @@ def test_failure_is_classified_from_the_real_log(docker_engine, hello_repo: Path
                                                  settings: Settings) -> None:  # type: ignore[no-untyped-def]
     profile = _profile(hello_repo, install_cmds=["pip install -r does-not-exist.txt"])
     with pytest.raises(BuildFailed) as info:
-        run_build(BuildRequest(repo_dir=str(hello_repo), profile=profile), settings,
+        run_request(BuildRequest(repo_dir=str(hello_repo), profile=profile), settings,
                   docker_engine)
     failure = info.value.failure
     assert failure is not None
@@ -104,7 +104,7 @@ def test_missing_headers_climb_to_the_builder_tier(docker_engine, hello_repo: Pa
     probe = ("test -e /usr/include/python3.11/Python.h || "
              "{ echo 'x.c:1:10: fatal error: Python.h: No such file or directory'; exit 1; }")
     profile = _profile(hello_repo, install_cmds=[probe])
-    answer = run_build(BuildRequest(repo_dir=str(hello_repo), profile=profile), settings,
+    answer = run_request(BuildRequest(repo_dir=str(hello_repo), profile=profile), settings,
                        docker_engine)
     cleanup_images.append(answer.image_tag)
     assert [(a.variant, a.ok) for a in answer.attempts] == [("standard", False),

@@ -12,9 +12,8 @@ import pytest
 
 from pfbuild.client.errors import BuildFailed, JobTimeout, QueueUnavailable
 from pfbuild.client.jobs import BuildClient
-from pfbuild.client.queue import JobState, Keys, celery_state, job_state
+from pfbuild.client.queue import JobState, job_state
 from pfbuild.client.settings import Settings
-from pfbuild.worker.tasks import Reporter
 
 PROFILE = {"install_cmds": ["pip install ."], "env": {"A": "1"}}
 
@@ -48,7 +47,7 @@ def test_concurrent_submits_make_one_job(client: BuildClient, tmp_path: Path) ->
     with ThreadPoolExecutor(16) as pool:
         ids = set(pool.map(lambda _: client.submit(_req(tmp_path)).id, range(50)))
     assert len(ids) == 1
-    (job_id,) = ids
+    (_job_id,) = ids
     assert client.redis.llen("pfbuild") == 1  # exactly one message on the queue
 
 
@@ -71,7 +70,7 @@ def test_profile_path_is_read_by_the_client(client: BuildClient, tmp_path: Path)
     assert job.id == client.submit(_req(tmp_path)).id  # same profile, inline or by path
     import base64
 
-    message = json.loads(client.redis.lindex("pfbuild", 0))
+    message = json.loads(client.redis.lindex("pfbuild", 0) or b"")
     _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
     assert kwargs["request"]["profile"] == PROFILE  # the worker gets it inline
     assert kwargs["request"]["profile_path"] is None
@@ -107,57 +106,18 @@ def test_stage_states_round_trip() -> None:
     for state in JobState:
         if state not in (JobState.SUCCESS, JobState.FAILURE, JobState.QUEUED,
                          JobState.CANCELLED):
-            assert job_state(celery_state(state)) is state
-
-
-class _Task:
-    def __init__(self) -> None:
-        self.updates: list[tuple[str, dict[str, Any]]] = []
-
-    def update_state(self, state: str, meta: dict[str, Any]) -> None:
-        self.updates.append((state, meta))
-
-
-def test_reporter_publishes_stage_changes_and_throttles_lines() -> None:
-    import fakeredis
-
-    r = fakeredis.FakeRedis()
-    task = _Task()
-    rep = Reporter(task, r, "job1", {"profile_id": "p"})  # type: ignore[arg-type]
-    rep("rendering")
-    rep("building", step=1, steps=3, line="Step 1/3 : FROM x")
-    for i in range(100):
-        rep("building", step=2, steps=3, line=f"line {i}")
-    rep("saving_tarball")
-    states = [s for s, _ in task.updates]
-    assert states == ["RENDERING", "BUILDING", "SAVING_TARBALL"]
-    assert task.updates[1][1]["step"] == 1 and task.updates[1][1]["profile_id"] == "p"
-    assert r.llen(Keys.log("job1")) == 101  # every line kept, though few were published
-
-
-def test_reporter_stops_a_build_whose_lock_is_gone() -> None:
-    import fakeredis
-
-    from pfbuild.client.errors import LockLost
-
-    def lost() -> None:
-        raise LockLost("gone")
-
-    rep = Reporter(_Task(), fakeredis.FakeRedis(), "j", {}, check=lost)  # type: ignore[arg-type]
-    with pytest.raises(LockLost):
-        rep("building", line="x")
+            assert job_state(state.celery_state) is state
 
 
 def test_result_and_await_return_the_workers_answer(client: BuildClient, tmp_path: Path) -> None:
     import asyncio
 
     from pfbuild.client.models import BuildRequest
-    from pfbuild.worker.pipeline import run_build
-    from tests.fakes import FakeEngine
+    from tests.fakes import FakeEngine, run_request
 
     (tmp_path / "setup.py").write_text("")
     job = client.submit(_req(tmp_path))
-    answer = run_build(BuildRequest.model_validate(_req(tmp_path)),
+    answer = run_request(BuildRequest.model_validate(_req(tmp_path)),
                        Settings(tmp_dir=tmp_path / "t", host_id="h"), FakeEngine())
     client.app.backend.store_result(job.id, answer.model_dump(mode="json"), "SUCCESS")
     assert job.result(timeout=1) == answer
@@ -175,7 +135,7 @@ def test_client_sends_absolute_paths(client: BuildClient, tmp_path: Path,
 
     monkeypatch.chdir(tmp_path)
     client.submit({"repo_dir": ".", "profile": PROFILE, "image_cache_dir": "cache"})
-    message = json.loads(client.redis.lindex("pfbuild", 0))
+    message = json.loads(client.redis.lindex("pfbuild", 0) or b"")
     _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
     assert kwargs["request"]["repo_dir"] == str(tmp_path)
     assert kwargs["request"]["image_cache_dir"] == str(tmp_path / "cache")
@@ -187,3 +147,30 @@ def test_a_malformed_request_is_a_bad_request(client: BuildClient) -> None:
     with pytest.raises(BadRequest, match="force_rebuild"):
         client.submit({"repo_dir": ".", "profile": PROFILE, "force_rebuild": "yes"})
     assert client.redis.llen("pfbuild") == 0  # nothing was queued
+
+
+def test_every_waiter_wakes_on_the_done_signal_not_the_next_poll(client: BuildClient,
+                                                                 tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from pfbuild.client.queue import signal_done
+
+    job = client.submit(_req(tmp_path))
+    woke: list[float] = []
+
+    def wait() -> None:
+        with pytest.raises(BuildFailed):
+            client.job(job.id).result(timeout=120, poll=60)  # a poll alone would take 60 s
+        woke.append(time.monotonic())
+
+    waiters = [threading.Thread(target=wait) for _ in range(3)]
+    for t in waiters:
+        t.start()
+    time.sleep(0.5)
+    signalled = time.monotonic()
+    client.app.backend.mark_as_failure(job.id, BuildFailed("boom"))
+    signal_done(client.redis, job.id, 60)
+    for t in waiters:
+        t.join(30)
+    assert len(woke) == 3 and max(woke) - signalled < 20

@@ -41,7 +41,9 @@ def test_heartbeat_lists_hosts_and_the_images_they_hold(r: Any) -> None:
     a.beat()
     (host,) = list_hosts(r)
     assert host.alive and host.images == ["p1", "p2"] and host.docker_host == "unix:///a.sock"
-    a.engine().images.pop("patchfoundry/p1:latest")  # removed by hand: forgotten next beat
+    engine = a.engine()
+    assert isinstance(engine, FakeEngine)
+    engine.images.pop("patchfoundry/p1:latest")  # removed by hand: forgotten next beat
     a.beat()
     assert list_hosts(r)[0].images == ["p2"]
     r.delete(HostKeys.heartbeat("a"))  # its TTL ran out

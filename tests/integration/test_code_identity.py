@@ -1,0 +1,124 @@
+"""A hit holds the code of the repository asked about: on the real engine, every tier
+checks the context digest, and single flight never joins two repositories."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pfbuild.client.jobs import BuildClient
+from pfbuild.client.models import BuildAnswer, BuildRequest
+from pfbuild.client.settings import Settings
+from pfbuild.worker.localfarm import RedisServer, Worker
+from tests.fakes import run_request
+
+pytestmark = pytest.mark.docker
+
+
+def _profile() -> dict[str, Any]:
+    # cheap to build: the base and apt layers come from the engine's cache
+    return {"install_cmds": ["python -c 'import pathlib; print(pathlib.Path(\"marker.txt\").read_text())'"],
+            "env": {"PFTEST_NONCE": uuid.uuid4().hex}}
+
+
+def _repo(root: Path, name: str, marker: str) -> Path:
+    repo = root / name
+    repo.mkdir(parents=True)
+    (repo / "marker.txt").write_text(marker)
+    (repo / ".dockerignore").write_text("scratch/\n")
+    (repo / "scratch").mkdir()
+    return repo
+
+
+def _marker_in(image_id: str) -> str:
+    # attached, as `docker run` does: the engine's log copy may lag a container's exit
+    proc = subprocess.run(["docker", "run", "--rm", image_id, "cat", "/workspace/marker.txt"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    return proc.stdout
+
+
+def _build(repo: Path, profile: dict[str, Any], settings: Settings, engine: Any,
+           cleanup: list[str]) -> BuildAnswer:
+    answer = run_request(BuildRequest(repo_dir=str(repo), profile=profile), settings, engine)
+    cleanup.append(answer.image_tag)
+    return answer
+
+
+def test_two_repositories_with_one_profile_get_their_own_code(
+        docker_engine, tmp_path: Path, settings: Settings, cleanup_images: list[str]) -> None:  # type: ignore[no-untyped-def]
+    profile = _profile()
+    a = _build(_repo(tmp_path, "a", "code of A"), profile, settings, docker_engine, cleanup_images)
+    b = _build(_repo(tmp_path, "b", "code of B"), profile, settings, docker_engine, cleanup_images)
+    assert a.profile_id == b.profile_id and a.image_tag == b.image_tag
+    assert (a.cache_source, b.cache_source) == ("built", "built")
+    assert a.context_sha256 != b.context_sha256 and a.image_id != b.image_id
+    assert any("context changed" in e for e in b.manifest.events)
+    assert _marker_in(a.image_id) == "code of A" and _marker_in(b.image_id) == "code of B"
+    # the tag names the newest build for the profile
+    assert docker_engine.inspect(b.image_tag).id == b.image_id
+
+
+def test_an_edit_is_built_and_an_ignored_edit_is_a_hit(
+        docker_engine, tmp_path: Path, settings: Settings, cleanup_images: list[str]) -> None:  # type: ignore[no-untyped-def]
+    profile, repo = _profile(), _repo(tmp_path, "r", "yesterday")
+    first = _build(repo, profile, settings, docker_engine, cleanup_images)
+    (repo / "scratch" / "notes.txt").write_text("dockerignored: not in the image")
+    ignored = _build(repo, profile, settings, docker_engine, cleanup_images)
+    assert (ignored.cache_source, ignored.reused_cache) == ("local", True)
+    assert ignored.image_id == first.image_id
+    (repo / "marker.txt").write_text("today")
+    edited = _build(repo, profile, settings, docker_engine, cleanup_images)
+    assert (edited.cache_source, edited.reused_cache) == ("built", False)
+    assert _marker_in(edited.image_id) == "today"
+    # only the layers from COPY on were rebuilt: the apt layer came from the cache
+    log = Path(edited.build_log_path).read_text()
+    assert "Using cache" in log.split("COPY . /workspace")[0]
+
+
+def test_a_tarball_of_other_code_is_not_a_hit(
+        docker_engine, tmp_path: Path, settings: Settings, cleanup_images: list[str]) -> None:  # type: ignore[no-untyped-def]
+    profile = _profile()
+    a = _build(_repo(tmp_path, "a", "code of A"), profile, settings, docker_engine, cleanup_images)
+    assert a.manifest.tarball is not None
+    docker_engine.remove(a.image_tag)  # another host: the image only in the shared tarball
+    b = _build(_repo(tmp_path, "b", "code of B"), profile, settings, docker_engine, cleanup_images)
+    assert (b.cache_source, b.reused_cache) == ("built", False)
+    assert any("tarball image" in e and "context changed" in e for e in b.manifest.events)
+    assert _marker_in(b.image_id) == "code of B"
+
+
+@pytest.fixture
+def farm(docker_engine, tmp_path: Path) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    server = RedisServer(tmp_path)
+    env = {"PFBUILD_REDIS_URL": server.url, "PFBUILD_TMP_DIR": str(tmp_path / "pf-tmp"),
+           "PFBUILD_LOCK_POLL_SECONDS": "0.5"}
+    worker = Worker("ident", env, tmp_path, concurrency=2)
+    try:
+        worker.wait_ready()
+        yield server.url
+    finally:
+        worker.stop()
+        server.stop()
+
+
+def test_concurrent_submits_of_two_repositories_get_two_correct_answers(
+        farm: str, tmp_path: Path, cleanup_images: list[str]) -> None:
+    profile = _profile()
+    repos = {m: _repo(tmp_path, m.replace(" ", "-"), m) for m in ("code of A", "code of B")}
+    requests: list[dict[str, Any]] = [
+        {"repo_dir": str(repo), "profile": profile} for repo in repos.values()
+    ] * 3
+    with BuildClient(farm) as client, ThreadPoolExecutor(6) as pool:
+        jobs = list(pool.map(client.submit, requests))
+        assert len({j.id for j in jobs}) == 2  # one flight per repository, not per profile
+        answers = [j.result(timeout=900) for j in jobs]
+    cleanup_images.append(answers[0].image_tag)
+    for request, answer in zip(requests, answers, strict=True):
+        assert _marker_in(answer.image_id) == Path(request["repo_dir"]).joinpath(
+            "marker.txt").read_text()

@@ -1,0 +1,29 @@
+"""The engine adapter: step parsing, and a clear error when no engine answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from pfbuild.client.errors import EngineUnavailable
+from pfbuild.client.settings import Settings
+from pfbuild.worker.engine import DockerEngine, engine_from_settings, parse_step
+
+
+@pytest.mark.parametrize(("line", "step"), [("Step 3/7 : RUN x", (3, 7)),
+                                            (" ---> Using cache", None),
+                                            ("Step 3/7", None)])
+def test_parse_step(line: str, step: tuple[int, int] | None) -> None:
+    assert parse_step(line) == step
+
+
+def test_an_engine_that_is_not_there_is_engine_unavailable() -> None:
+    with pytest.raises(EngineUnavailable, match="DOCKER_HOST"):
+        DockerEngine("unix:///nonexistent/docker.sock", timeout=5)
+
+
+@pytest.mark.docker
+def test_inspect_a_missing_tag_is_none_and_the_base_image_is_found(docker_engine) -> None:  # type: ignore[no-untyped-def]
+    assert docker_engine.inspect("patchfoundry/no-such-profile:latest") is None
+    engine = engine_from_settings(Settings())
+    base = engine.inspect("python:3.11-slim")
+    assert base is not None and base.id.startswith("sha256:")

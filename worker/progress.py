@@ -1,0 +1,90 @@
+"""Progress reporting: a job's stage, build step and log lines, as a client sees them.
+
+Stage changes are published at once (as the result backend's custom state, see
+:attr:`JobState.celery_state`); progress within a stage at most every 0.5 s. Log lines
+go to a Redis list that late joiners read from the start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from celery import Task
+from kombu.exceptions import OperationalError
+
+from pfbuild.client.models import JobState
+from pfbuild.client.queue import Keys
+from pfbuild.client.settings import Settings
+
+__all__ = ["Reporter"]
+
+log = logging.getLogger(__name__)
+
+_PUBLISH_EVERY = 0.5  # seconds between two state updates within one stage
+
+
+class Reporter:
+    """A :class:`~pfbuild.worker.run.Progress` that publishes through Celery and Redis."""
+
+    def __init__(
+        self,
+        task: Task,
+        redis_client: redis.Redis,
+        settings: Settings,
+        base: dict[str, Any],
+        guard: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.task = task
+        self.redis = redis_client
+        self.settings = settings
+        self.job_id = str(task.request.id)
+        self.base = base
+        self.guard = guard
+        self.state: JobState | None = None
+        self.last_publish = 0.0
+        self.lines: list[str] = []
+        self.meta: dict[str, Any] = {}
+
+    def __call__(self, state: JobState, **info: Any) -> None:
+        self.guard()  # a build whose lock is gone stops at its next line
+        if "line" in info:
+            self.lines.append(str(info["line"]))
+        now = time.monotonic()
+        if state != self.state or now - self.last_publish >= _PUBLISH_EVERY:
+            self.publish(state, **info)
+
+    def publish(self, state: JobState, **info: Any) -> None:
+        self.state = state
+        self.last_publish = time.monotonic()
+        self.flush()
+        self.meta = {
+            **self.base,
+            "stage": state.value,
+            **{k: v for k, v in info.items() if v is not None},
+        }
+        try:
+            self.task.update_state(state=state.celery_state, meta=self.meta)
+        except (redis.RedisError, OperationalError) as exc:
+            # progress is best effort: a Redis blip must not fail the build itself
+            log.warning("job %s: could not publish stage %s: %s", self.job_id, state.value, exc)
+
+    def flush(self) -> None:
+        if not self.lines:
+            return
+        key = Keys.log(self.job_id)
+        keep = self.settings.log_keep_lines
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.rpush(key, *self.lines)
+            pipe.ltrim(key, -keep, -1)
+            pipe.expire(key, self.settings.result_expires)
+            pipe.execute()
+        except redis.RedisError as exc:
+            if len(self.lines) < keep:
+                return  # keep them for the next flush
+            log.warning("job %s: dropped %d log lines: %s", self.job_id, len(self.lines), exc)
+        self.lines.clear()
