@@ -259,6 +259,46 @@ def cancel(ctx: typer.Context, job_id: str) -> None:
 app.command()(top)
 
 
+@app.command()
+def hosts(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """List the farm's hosts: liveness, running jobs and the images each engine holds."""
+    import redis
+
+    from pfbuild.client.errors import QueueUnavailable
+    from pfbuild.client.hosts import list_hosts
+
+    try:
+        with BuildClient(settings=settings_of(ctx)) as client:
+            try:
+                found = list_hosts(client.redis)
+            except redis.RedisError as exc:
+                raise QueueUnavailable(f"cannot reach Redis: {exc}") from None
+    except PfbuildError as exc:
+        raise fail(exc) from None
+    if as_json or not sys.stdout.isatty():
+        emit({"hosts": [h.model_dump(mode="json") for h in found]})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="pfbuild hosts")
+    for col in ("host", "alive", "seen (s ago)", "docker host", "running", "images"):
+        table.add_column(col)
+    for h in found:
+        table.add_row(
+            h.host_id,
+            "yes" if h.alive else "DEAD",
+            str(h.seconds_since_seen),
+            h.docker_host or "",
+            f"{len(h.running)}/{h.concurrency}",
+            str(len(h.images)),
+        )
+    Console().print(table)
+
+
 def _load_extensions() -> None:
     """Let installed packages (the worker) add their commands and lend their parts."""
     for entry in entry_points(group="pfbuild.cli"):

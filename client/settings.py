@@ -89,6 +89,17 @@ class Settings(BaseSettings):
         default="3.8",
         description="Unauthenticated apt is tried only for Python at or below this version.",
     )
+    registry: str | None = Field(
+        default=None,
+        description="host:port of a Docker registry shared by every host: a worker pushes "
+        "each image it builds to {registry}/{image_repository}/{profile_id}:latest, and pulls "
+        "from there on a miss of its engine, before it looks at tarballs. Unset: no registry.",
+    )
+    tarball_cache: bool = Field(
+        default=True,
+        description="Save a tarball of each image built. With a registry set, turning it off "
+        "saves the tarball's time and disk (the registry stores shared layers once).",
+    )
     zstd_level: int = Field(default=3, description="zstd level of saved tarballs.")
     zstd_threads: int = Field(default=2, description="zstd worker threads when saving.")
 
@@ -186,6 +197,23 @@ class Settings(BaseSettings):
         "(JSON list): the `image_cache_dir` agents send.",
     )
 
+    # --- many hosts --------------------------------------------------------------------
+    heartbeat_seconds: float = Field(
+        default=5.0,
+        description="How often a worker renews its host's heartbeat in Redis and re-reads "
+        "which profiles' images its engine holds.",
+    )
+    host_ttl: int = Field(
+        default=20,
+        description="Seconds a host's heartbeat lives: a host silent this long is dead, its "
+        "queue's jobs go back to the shared queue and no request is routed to it.",
+    )
+    routing: bool = Field(
+        default=True,
+        description="Send each request to a live host that holds its image (else the host "
+        "its base image hashes to, else the shared queue). Off: the shared queue only.",
+    )
+
     @property
     def visibility_timeout(self) -> int:
         """Longer than the hard limit: Redis redelivers an unacked task after this long,
@@ -200,6 +228,12 @@ class Settings(BaseSettings):
 
     def image_tag(self, profile_id: str) -> str:
         return f"{self.image_repository}/{profile_id}:latest"
+
+    def registry_ref(self, profile_id: str) -> str | None:
+        """Where the registry tier keeps a profile's image, or None without a registry."""
+        if not self.registry:
+            return None
+        return f"{self.registry}/{self.image_repository}/{profile_id}:latest"
 
     def base_image(self, version: str) -> str:
         return self.base_image_template.format(version=version)

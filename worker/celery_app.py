@@ -11,6 +11,7 @@ from celery import Celery
 from pfbuild.client.errors import QueueUnavailable
 from pfbuild.client.queue import make_celery
 from pfbuild.client.settings import Settings
+from pfbuild.worker.hosts import install as install_host
 from pfbuild.worker.ops import install as install_ops
 from pfbuild.worker.tasks import register
 
@@ -67,4 +68,5 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     configure_worker(app, settings)
     register(app, settings)
     install_ops(app, settings)  # metrics, farm state, stage logs, periodic gc
+    install_host(app, settings)  # its own queue, heartbeat and images held, in Redis
     return app

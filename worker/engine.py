@@ -32,6 +32,7 @@ __all__ = [
     "DockerEngine",
     "Engine",
     "ImageInfo",
+    "RegistryFailed",
     "engine_from_settings",
     "parse_step",
 ]
@@ -46,6 +47,11 @@ def parse_step(line: str) -> tuple[int, int] | None:
     """``(i, n)`` from a classic-builder ``Step i/n :`` line, else None."""
     found = _STEP_RE.match(line)
     return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+class RegistryFailed(Exception):
+    """A push or pull failed for another reason than a missing image (internal to the
+    registry tier, which falls back to the next tier rather than failing the build)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,18 @@ class Engine(Protocol):
 
     def remove(self, tag: str) -> None:
         """Untag ``tag`` (and drop its layers if no other tag holds them)."""
+
+    def tag(self, source: str, target: str) -> None:
+        """Give the image ``source`` the tag ``target`` too (``repo:tag`` form)."""
+
+    def push(self, ref: str) -> str:
+        """Push ``ref`` (``registry/repo:tag``) and return its manifest digest."""
+
+    def pull(self, ref: str) -> str | None:
+        """Pull ``ref``; its manifest digest, or None when the registry has no such image."""
+
+    def tags(self, repository: str) -> list[str]:
+        """Every ``repo:tag`` this engine holds under ``{repository}/``."""
 
 
 _UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
@@ -268,6 +286,64 @@ class DockerEngine:
         with contextlib.suppress(docker.errors.ImageNotFound):
             self.api.remove_image(tag, force=True)
 
+    def tag(self, source: str, target: str) -> None:
+        repo, _, tag = target.rpartition(":")
+        try:
+            self.api.tag(source, repo, tag, force=True)
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(f"Docker engine at {self.host} failed to tag: {exc}") from None
+
+    def push(self, ref: str) -> str:
+        repo, _, tag = ref.rpartition(":")
+        digest: str | None = None
+        try:
+            for item in self.api.push(repo, tag=tag, stream=True, decode=True):
+                if "error" in item:
+                    raise RegistryFailed(str(item["error"]).strip())
+                aux = item.get("aux")
+                if isinstance(aux, dict) and "Digest" in aux:
+                    digest = str(aux["Digest"])
+        except docker.errors.APIError as exc:
+            raise RegistryFailed(str(exc.explanation or exc)) from None
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(f"Docker engine at {self.host} failed to push: {exc}") from None
+        if digest is None:
+            raise RegistryFailed(f"the engine pushed {ref} but reported no digest")
+        return digest
+
+    def pull(self, ref: str) -> str | None:
+        repo, _, tag = ref.rpartition(":")
+        digest: str | None = None
+        try:
+            for item in self.api.pull(repo, tag=tag, stream=True, decode=True):
+                if "error" in item:
+                    raise RegistryFailed(str(item["error"]).strip())
+                status = str(item.get("status", ""))
+                if status.startswith("Digest: "):
+                    digest = status.removeprefix("Digest: ").strip()
+        except docker.errors.NotFound:
+            return None  # the registry answered: it has no such image
+        except docker.errors.APIError as exc:
+            raise RegistryFailed(str(exc.explanation or exc)) from None
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(f"Docker engine at {self.host} failed to pull: {exc}") from None
+        if digest is None:  # an engine that does not say it: ask the image
+            info: dict[str, Any] = self.api.inspect_image(ref)
+            for repo_digest in info.get("RepoDigests") or []:
+                if str(repo_digest).startswith(repo + "@"):
+                    digest = str(repo_digest).partition("@")[2]
+        return digest or "unknown"
+
+    def tags(self, repository: str) -> list[str]:
+        try:
+            images: list[dict[str, Any]] = self.api.images(filters={"reference": f"{repository}/*"})
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(
+                f"Docker engine at {self.host} stopped answering: {exc}"
+            ) from None
+        return sorted(
+            str(t) for image in images for t in image.get("RepoTags") or [] if t != "<none>:<none>"
+        )
 
 def engine_from_settings(settings: Settings) -> DockerEngine:
     """The engine this worker talks to (``DOCKER_HOST``), with the configured API timeout."""
