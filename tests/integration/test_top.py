@@ -58,7 +58,7 @@ def test_top_shows_hosts_running_jobs_and_queue_depth(loaded_farm: dict[str, Any
     requests = []
     for _ in range(5):  # two slots, five jobs: two build, three wait in the queue
         profile = {**doc, "env": {**doc["env"], "PFTEST_NONCE": uuid.uuid4().hex},
-                   "install_cmds": ["sleep 60"]}
+                   "install_cmds": ["sleep 600"]}
         requests.append({"repo_dir": str(hello_repo), "profile": profile})
     with BuildClient(loaded_farm["url"]) as client:
         jobs = [client.submit(r) for r in requests]

@@ -72,11 +72,11 @@ def test_a_budget_of_n_images_keeps_the_n_most_recently_used(api, gc_settings: S
                                                              url: str) -> None:
     r = redis.Redis.from_url(url)
     profiles = [f"p{i}" for i in range(6)]  # N + 3 with N = 3
-    now = time.time()
+    past = time.time() - 100  # uses in the past, in order, whatever the machine's speed
     for i, p in enumerate(profiles):
         _build(api, gc_settings, p)
-        _use(r, gc_settings, p, now + i)
-    _use(r, gc_settings, "p0", now + 10)  # a hit on the oldest: now the newest use
+        _use(r, gc_settings, p, past + i)
+    _use(r, gc_settings, "p0", past + 10)  # a hit on the oldest: now the newest use
 
     dry = Collector(api, gc_settings, r).run(dry_run=True)
     assert [i.profile_id for i in dry.removed] == ["p1", "p2", "p3"]
@@ -93,10 +93,10 @@ def test_a_budget_of_n_images_keeps_the_n_most_recently_used(api, gc_settings: S
 def test_what_a_container_or_a_lock_holds_stays_and_dangling_images_go(
         api, gc_settings: Settings, url: str) -> None:
     r = redis.Redis.from_url(url)
-    now = time.time()
+    past = time.time() - 100  # uses in the past: a grace of 0 is over for all of them
     for i, p in enumerate(["p0", "p1", "p2", "p3"]):
         _build(api, gc_settings, p)
-        _use(r, gc_settings, p, now + i)
+        _use(r, gc_settings, p, past + i)
     old_p3 = api.inspect_image(gc_settings.image_tag("p3"))["Id"]
     _build(api, gc_settings, "p3", content="rebuilt")  # the old p3 is left dangling
     container = api.create_container(gc_settings.image_tag("p0"), command="sleep 120",
