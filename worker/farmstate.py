@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any
 import redis
 
 from pfbuild.client.errors import PfbuildError
+from pfbuild.client.hosts import HostKeys
 from pfbuild.client.queue import Keys
 from pfbuild.client.settings import Settings
 
@@ -58,24 +58,23 @@ class FarmState:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(Keys.running(), job_id, json.dumps(entry))
         pipe.expire(Keys.running(), self.settings.build_time_limit)
+        pipe.hset(HostKeys.jobs(self.host), job_id, profile_id)  # what routing counts
         self._run("a job's start", pipe)
 
-    def ended(self, job_id: str) -> None:
+    def ended(self, job_id: str, answer: dict[str, Any] | None = None) -> None:
+        """A job left its slot; with its answer, its image was used now and is held here.
+        One round trip for all of it."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hdel(Keys.running(), job_id)
+        pipe.hdel(HostKeys.jobs(self.host), job_id)
+        if answer is not None:
+            profile_id = str(answer.get("profile_id"))
+            pipe.zadd(Keys.uses(self.host), {profile_id: time.time()})
+            pipe.hincrby(Keys.stats(), f"source:{answer.get('cache_source')}", 1)
+            pipe.sadd(HostKeys.images(self.host), profile_id)
         self._run("a job's end", pipe)
-
-    def answered(self, answer: dict[str, Any]) -> None:
-        """A job's answer: its image was used now; count its cache source."""
-        profile_id = str(answer.get("profile_id"))
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(Keys.uses(self.host), {profile_id: time.time()})
-        pipe.hincrby(Keys.stats(), f"source:{answer.get('cache_source')}", 1)
-        self._run("a use", pipe)
-        tarball = (answer.get("manifest") or {}).get("tarball") or {}
-        if tarball.get("path"):
-            with contextlib.suppress(OSError):  # gone already: nothing to keep fresh
-                os.utime(Path(tarball["path"]))
+        if answer is not None:
+            _touch_tarball(answer)
 
     def failed(self, job_id: str, profile_id: str, exc: BaseException) -> None:
         kind = exc.type if isinstance(exc, PfbuildError) else "internal_error"
@@ -101,17 +100,13 @@ class FarmState:
             return
         pipe = self.redis.pipeline(transaction=False)
         pipe.zrem(Keys.uses(self.host), *profile_ids)
-        held = _held_images_key(self.host)
-        if held is not None:
-            pipe.srem(held, *profile_ids)
+        pipe.srem(HostKeys.images(self.host), *profile_ids)
         self._run("removed images", pipe)
 
 
-def _held_images_key(host_id: str) -> str | None:
-    """The hosts registry's set of the images ``host_id`` holds, where it is installed
-    (``pfbuild.client.hosts``); else None."""
-    try:
-        hosts = importlib.import_module("pfbuild.client.hosts")
-    except ImportError:
-        return None
-    return str(hosts.HostKeys.images(host_id))
+def _touch_tarball(answer: dict[str, Any]) -> None:
+    """A use of a tarball: its mtime is what the tarball cache's LRU reads."""
+    tarball = (answer.get("manifest") or {}).get("tarball") or {}
+    if tarball.get("path"):
+        with contextlib.suppress(OSError):  # gone already: nothing to keep fresh
+            os.utime(Path(tarball["path"]))

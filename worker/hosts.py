@@ -28,11 +28,11 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown
 from kombu.entity import Queue
 
 from pfbuild.client.hosts import HOSTS, HostKeys, host_queue, list_hosts
-from pfbuild.client.queue import QUEUE, TASK_NAME
+from pfbuild.client.queue import QUEUE
 from pfbuild.client.settings import Settings
 from pfbuild.worker.engine import DockerEngine, Engine
 
@@ -208,7 +208,8 @@ def install(app: Celery, settings: Settings) -> None:
     # weak=False: the handlers are closures that nothing else holds
     worker_ready.connect(on_ready, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)
-    _track_jobs(app, settings, client)
+    # the host's running jobs and the images its jobs left are recorded with the rest of
+    # a job's records, in one round trip at its start and one at its end (worker/farmstate.py)
 
 
 def _per_process_redis(app: Celery) -> Callable[[], redis.Redis]:
@@ -247,35 +248,3 @@ def _start_agent(
     except Exception as exc:  # the farm still works without it: unrouted
         log.warning("host %s: could not register: %s", settings.host_id, exc)
     return agent
-
-
-def _track_jobs(app: Celery, settings: Settings, client: Callable[[], redis.Redis]) -> None:
-    """Keep the host's running jobs, and the image a finished job left in the engine."""
-    jobs, images = HostKeys.jobs(settings.host_id), HostKeys.images(settings.host_id)
-
-    def ours(task: Any) -> bool:
-        return getattr(task, "app", None) is app and getattr(task, "name", "") == TASK_NAME
-
-    def on_prerun(sender: Any = None, task_id: str = "", kwargs: Any = None, **_: Any) -> None:
-        if ours(sender):
-            try:
-                client().hset(jobs, task_id, str((kwargs or {}).get("profile_id", "")))
-            except redis.RedisError as exc:
-                log.warning("could not record job %s: %s", task_id, exc)
-
-    def on_postrun(
-        sender: Any = None, task_id: str = "", retval: Any = None, state: str = "", **_: Any
-    ) -> None:
-        if not ours(sender):
-            return
-        try:
-            pipe = client().pipeline(transaction=False)
-            pipe.hdel(jobs, task_id)
-            if state == "SUCCESS" and isinstance(retval, dict) and retval.get("profile_id"):
-                pipe.sadd(images, str(retval["profile_id"]))
-            pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("could not record the end of job %s: %s", task_id, exc)
-
-    task_prerun.connect(on_prerun, weak=False)
-    task_postrun.connect(on_postrun, weak=False)

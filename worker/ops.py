@@ -92,15 +92,22 @@ class _Hooks:
             worker = f"{sender.request.hostname or self.settings.host_id}:{os.getpid()}"
             self.state.started(task_id, _profile(kwargs), worker)
 
-    def postrun(self, sender: Any = None, task_id: str = "", **_: Any) -> None:
+    def postrun(
+        self,
+        sender: Any = None,
+        task_id: str = "",
+        retval: Any = None,
+        state: str = "",
+        **_: Any,
+    ) -> None:
         if self.ours(sender):
             m.metrics().running.dec()
-            self.state.ended(task_id)
+            answered = state == "SUCCESS" and isinstance(retval, dict)
+            self.state.ended(task_id, retval if answered else None)
 
     def success(self, sender: Any = None, result: Any = None, **_: Any) -> None:
         if self.ours(sender) and isinstance(result, dict):
-            observe_answer(result)
-            self.state.answered(result)
+            observe_answer(result)  # its records in Redis are written with its end
             oplog.log_stage(
                 str(sender.request.id),
                 str(result.get("profile_id")),

@@ -203,6 +203,10 @@ def register(
     proc = _Process(app, settings, engine_factory)
 
     class BuildTask(Task):  # type: ignore[misc]
+        # Celery logs each result's repr at INFO; the answer is kilobytes, and our own
+        # structured stage line says how the job ended
+        resultrepr_maxsize = 120
+
         def after_return(
             self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
         ) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import redis
 
 from pfbuild.client.errors import BuildFailed, EngineUnavailable
+from pfbuild.client.hosts import HostKeys
 from pfbuild.client.models import Actionability, FailureClass, FailureInfo
 from pfbuild.client.queue import Keys
 from pfbuild.client.settings import Settings
@@ -75,12 +76,14 @@ def test_farm_state(url: str) -> None:
     state = FarmState(r, Settings(host_id="h1"))
     state.started("job-1", "p1", "w1:1")
     assert json.loads(r.hget(Keys.running(), "job-1") or "{}")["host"] == "h1"
-    state.answered(_answer())
+    assert r.hget(HostKeys.jobs("h1"), "job-1") == "p1"  # what routing counts as busy
     state.failed("job-2", "p2", BuildFailed("no", failure=_FAILURE))
-    state.ended("job-1")
-    assert r.hgetall(Keys.running()) == {}
+    state.ended("job-1", _answer())
+    assert r.hgetall(Keys.running()) == {} and r.hgetall(HostKeys.jobs("h1")) == {}
     assert r.zscore(Keys.uses("h1"), "p1") is not None
+    assert r.sismember(HostKeys.images("h1"), "p1")
     assert json.loads(r.lindex(Keys.failures(), 0) or "{}")["failure_class"] == "apt_failure"
     assert r.hgetall(Keys.stats()) == {"source:built": "1", "failure:apt_failure": "1"}
     state.forget_images(["p1"])
     assert r.zscore(Keys.uses("h1"), "p1") is None
+    assert not r.sismember(HostKeys.images("h1"), "p1")
