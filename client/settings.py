@@ -191,6 +191,12 @@ class Settings(BaseSettings):
         description="Bytes each tarball cache folder may hold; beyond it the least "
         "recently used tarballs go first. 0: no limit.",
     )
+    gc_max_registry_images: int = Field(
+        default=0,
+        description="Profiles' images the shared registry keeps (with PFBUILD_REGISTRY set); "
+        "beyond it `pfbuild gc --registry` deletes the least recently used manifests across "
+        "the farm, and the registry's own `garbage-collect` frees their layers. 0: no limit.",
+    )
     gc_cache_dirs: list[Path] = Field(
         default_factory=list,
         description="Tarball cache folders to collect besides {tmp_dir}/image-cache "

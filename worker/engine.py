@@ -23,6 +23,7 @@ from pfbuild.client.errors import (
     EngineError,
     EngineUnavailable,
     ImageLoadFailed,
+    RegistryFailed,
 )
 from pfbuild.client.settings import Settings
 
@@ -47,11 +48,6 @@ def parse_step(line: str) -> tuple[int, int] | None:
     """``(i, n)`` from a classic-builder ``Step i/n :`` line, else None."""
     found = _STEP_RE.match(line)
     return (int(found.group(1)), int(found.group(2))) if found else None
-
-
-class RegistryFailed(Exception):
-    """A push or pull failed for another reason than a missing image (internal to the
-    registry tier, which falls back to the next tier rather than failing the build)."""
 
 
 @dataclass(frozen=True)

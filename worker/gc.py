@@ -310,4 +310,15 @@ class PeriodicGc:
             len(result.removed),
             len(result.kept),
         )
+        self.registry_once(interval)
         return result
+
+    def registry_once(self, interval: float) -> None:
+        """The shared registry's budget: one host of the farm at a time sees to it."""
+        if not (self.settings.registry and self.settings.gc_max_registry_images):
+            return
+        from pfbuild.worker.registrygc import RegistryCollector
+
+        if self.redis.set(Keys.gc_lock("registry"), "1", nx=True, ex=max(1, int(interval))):
+            gone = RegistryCollector(self.settings, self.redis).run()
+            log.info("gc of the registry: deleted %d manifests", len(gone))
