@@ -176,6 +176,7 @@ class RegistryInfo(BaseModel):
 
     reference: str
     digest: str
+    bytes: int = 0  # layer bytes that crossed the network (shared layers cost nothing)
 
 
 class Manifest(BaseModel):

@@ -14,7 +14,14 @@ from pfbuild.client.errors import ImageLoadFailed
 from pfbuild.client.models import BuildAnswer, BuildRequest
 from pfbuild.client.profile import validate_request
 from pfbuild.client.settings import Settings
-from pfbuild.worker.engine import BuildOutcome, BuildSpec, Engine, ImageInfo, RegistryFailed
+from pfbuild.worker.engine import (
+    BuildOutcome,
+    BuildSpec,
+    Engine,
+    ImageInfo,
+    RegistryFailed,
+    Transfer,
+)
 from pfbuild.worker.pipeline import run_build
 from pfbuild.worker.resolve import resolve_request
 
@@ -129,22 +136,22 @@ class FakeEngine:
         self.images[target] = self.images[source]
         self.blobs[target] = self.blobs[source]
 
-    def push(self, ref: str) -> str:
+    def push(self, ref: str) -> Transfer:
         if self.registry.down:
             raise RegistryFailed("connection refused")
         self.registry.pushes += 1
         digest = "sha256:" + hashlib.sha256(self.blobs[ref]).hexdigest()
         self.registry.images[ref] = (self.images[ref], self.blobs[ref], digest)
-        return digest
+        return Transfer(digest, len(self.blobs[ref]))
 
-    def pull(self, ref: str) -> str | None:
+    def pull(self, ref: str) -> Transfer | None:
         if self.registry.down:
             raise RegistryFailed("connection refused")
         if ref not in self.registry.images:
             return None
         self.registry.pulls += 1
         self.images[ref], self.blobs[ref], digest = self.registry.images[ref]
-        return digest
+        return Transfer(digest, len(self.blobs[ref]))
 
     def tags(self, repository: str) -> list[str]:
         return sorted(t for t in self.images if t.startswith(repository + "/"))

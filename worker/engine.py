@@ -34,6 +34,7 @@ __all__ = [
     "Engine",
     "ImageInfo",
     "RegistryFailed",
+    "Transfer",
     "engine_from_settings",
     "parse_step",
 ]
@@ -54,6 +55,33 @@ def parse_step(line: str) -> tuple[int, int] | None:
 class ImageInfo:
     id: str
     labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """An image moved to or from a registry: its manifest digest and the layer bytes
+    that actually crossed (layers the other side held already cost nothing)."""
+
+    digest: str
+    bytes: int = 0
+
+
+class _Progress:
+    """Layer sizes from a push or pull's progress stream: the largest total each layer
+    announced while it was being sent or received."""
+
+    def __init__(self) -> None:
+        self.layers: dict[str, int] = {}
+
+    def see(self, item: dict[str, Any]) -> None:
+        detail = item.get("progressDetail") or {}
+        if item.get("status") in ("Pushing", "Downloading") and detail.get("total"):
+            layer = str(item.get("id", ""))
+            self.layers[layer] = max(self.layers.get(layer, 0), int(detail["total"]))
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.layers.values())
 
 
 @dataclass(frozen=True)
@@ -112,10 +140,10 @@ class Engine(Protocol):
     def tag(self, source: str, target: str) -> None:
         """Give the image ``source`` the tag ``target`` too (``repo:tag`` form)."""
 
-    def push(self, ref: str) -> str:
+    def push(self, ref: str) -> Transfer:
         """Push ``ref`` (``registry/repo:tag``) and return its manifest digest."""
 
-    def pull(self, ref: str) -> str | None:
+    def pull(self, ref: str) -> Transfer | None:
         """Pull ``ref``; its manifest digest, or None when the registry has no such image."""
 
     def tags(self, repository: str) -> list[str]:
@@ -289,13 +317,15 @@ class DockerEngine:
         except _UNREACHABLE as exc:
             raise EngineUnavailable(f"Docker engine at {self.host} failed to tag: {exc}") from None
 
-    def push(self, ref: str) -> str:
+    def push(self, ref: str) -> Transfer:
         repo, _, tag = ref.rpartition(":")
         digest: str | None = None
+        moved = _Progress()
         try:
             for item in self.api.push(repo, tag=tag, stream=True, decode=True):
                 if "error" in item:
                     raise RegistryFailed(str(item["error"]).strip())
+                moved.see(item)
                 aux = item.get("aux")
                 if isinstance(aux, dict) and "Digest" in aux:
                     digest = str(aux["Digest"])
@@ -305,15 +335,17 @@ class DockerEngine:
             raise EngineUnavailable(f"Docker engine at {self.host} failed to push: {exc}") from None
         if digest is None:
             raise RegistryFailed(f"the engine pushed {ref} but reported no digest")
-        return digest
+        return Transfer(digest, moved.bytes)
 
-    def pull(self, ref: str) -> str | None:
+    def pull(self, ref: str) -> Transfer | None:
         repo, _, tag = ref.rpartition(":")
         digest: str | None = None
+        moved = _Progress()
         try:
             for item in self.api.pull(repo, tag=tag, stream=True, decode=True):
                 if "error" in item:
                     raise RegistryFailed(str(item["error"]).strip())
+                moved.see(item)
                 status = str(item.get("status", ""))
                 if status.startswith("Digest: "):
                     digest = status.removeprefix("Digest: ").strip()
@@ -328,7 +360,7 @@ class DockerEngine:
             for repo_digest in info.get("RepoDigests") or []:
                 if str(repo_digest).startswith(repo + "@"):
                     digest = str(repo_digest).partition("@")[2]
-        return digest or "unknown"
+        return Transfer(digest or "unknown", moved.bytes)
 
     def tags(self, repository: str) -> list[str]:
         try:

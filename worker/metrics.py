@@ -87,6 +87,12 @@ class Metrics:
             "Bytes of image tarballs, written (saved) or read (loaded).",
             ("direction",),
         )
+        self.registry_bytes = counter(
+            "pfbuild_registry_bytes",
+            "Layer bytes moved to (written, pushed) or from (read, pulled) the registry; "
+            "layers the other side held already are not counted.",
+            ("direction",),
+        )
         self.engine_errors = counter(
             "pfbuild_engine_errors",
             "Jobs ended by a Docker engine error, by type.",

@@ -34,10 +34,15 @@ def observe_answer(answer: dict[str, Any]) -> None:
         if seconds or stage == "total":
             metrics.stage_seconds.labels(stage).observe(float(seconds))
     _observe_retries(answer.get("attempts") or [], last_failed=False)
-    tarball = (answer.get("manifest") or {}).get("tarball") or {}
+    manifest = answer.get("manifest") or {}
+    tarball = manifest.get("tarball") or {}
     if tarball.get("size") and source in ("tarball", "built"):
         direction = "read" if source == "tarball" else "written"
         metrics.tarball_bytes.labels(direction).inc(int(tarball["size"]))
+    registry = manifest.get("registry") or {}
+    if registry.get("bytes") and source in ("registry", "built"):
+        direction = "read" if source == "registry" else "written"
+        metrics.registry_bytes.labels(direction).inc(int(registry["bytes"]))
 
 
 def _observe_retries(attempts: list[dict[str, Any]], *, last_failed: bool) -> None:

@@ -35,16 +35,16 @@ def fetch(
     if ref is None:
         return None
     try:
-        digest = engine.pull(ref)
+        moved = engine.pull(ref)
     except RegistryFailed as exc:
         events.append(f"registry pull of {ref} failed ({exc}); trying the next tier")
         log.warning("pull of %s failed: %s", ref, exc)
         return None
-    if digest is None:
+    if moved is None:
         return None
     engine.tag(ref, settings.image_tag(profile_id))
     engine.remove(ref)  # only untags: the local tag holds the layers
-    return RegistryInfo(reference=ref, digest=digest)
+    return RegistryInfo(reference=ref, digest=moved.digest, bytes=moved.bytes)
 
 
 def publish(
@@ -56,11 +56,11 @@ def publish(
         return None
     engine.tag(settings.image_tag(profile_id), ref)
     try:
-        digest = engine.push(ref)
+        moved = engine.push(ref)
     except RegistryFailed as exc:
         events.append(f"registry push of {ref} failed ({exc}); other hosts will build it")
         log.warning("push of %s failed: %s", ref, exc)
         return None
     finally:
         engine.remove(ref)
-    return RegistryInfo(reference=ref, digest=digest)
+    return RegistryInfo(reference=ref, digest=moved.digest, bytes=moved.bytes)

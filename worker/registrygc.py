@@ -75,8 +75,10 @@ class RegistryCollector:
         if self.redis is None:
             return latest
         for key in self.redis.scan_iter(match=Keys.uses("*"), count=500):
-            pairs = self.redis.zrange(key, 0, -1, withscores=True)
-            for member, score in pairs:  # type: ignore[union-attr]
+            pairs: list[tuple[Any, float]] = list(
+                self.redis.zrange(key, 0, -1, withscores=True)  # type: ignore[arg-type]
+            )
+            for member, score in pairs:
                 name = member.decode() if isinstance(member, bytes) else str(member)
                 latest[name] = max(latest.get(name, 0.0), float(score))
         return latest

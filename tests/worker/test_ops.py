@@ -36,7 +36,9 @@ def _answer() -> dict[str, Any]:
         "profile_id": "p1", "cache_source": "built",
         "timings": {"queue_wait": 0.5, "build": 12.0, "load": 0.0, "total": 13.0},
         "attempts": [{"ok": False, "failure": _FAILURE.model_dump(mode="json")}, {"ok": True}],
-        "manifest": {"tarball": {"path": "/nonexistent/p1.tar.zst", "size": 1000}},
+        "manifest": {"tarball": {"path": "/nonexistent/p1.tar.zst", "size": 1000},
+                     "registry": {"reference": "r/p1:latest", "digest": "sha256:x",
+                                  "bytes": 700}},
     }
 
 
@@ -47,6 +49,9 @@ def test_an_answer_and_failures_are_counted() -> None:
     assert _sample("pfbuild_stage_seconds_count", stage="build") >= 1
     assert _sample("pfbuild_ladder_retries_total", failure_class="apt_failure") >= 1
     assert _sample("pfbuild_tarball_bytes_total", direction="written") >= 1000
+    pushed = _sample("pfbuild_registry_bytes_total", direction="written")
+    observe_answer(_answer())
+    assert _sample("pfbuild_registry_bytes_total", direction="written") == pushed + 700
 
     engine_before = _sample("pfbuild_engine_errors_total", error_type="engine_unavailable")
     observe_failure(EngineUnavailable("gone"))

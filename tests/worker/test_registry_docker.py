@@ -39,7 +39,12 @@ def test_built_on_a_is_answered_on_b_from_the_registry_without_a_build(
         pid = built.profile_id
         assert fetched.cache_source == "registry" and fetched.attempts == []
         assert fetched.image_id == built.image_id
-        assert fetched.manifest.registry == built.manifest.registry
+        pushed, pulled = built.manifest.registry, fetched.manifest.registry
+        assert pulled is not None and (pulled.reference, pulled.digest) == (
+            pushed.reference, pushed.digest)
+        # what crossed: B holds the base layers, so only what A's build added came over
+        print(f"pushed {pushed.bytes} B of layers, pulled {pulled.bytes} B")
+        assert pulled.bytes > 0
         assert (on_a_events.builds[pid], on_b_events.builds[pid]) == (1, 0)
         assert built.image_tag in host_b.tags("patchfoundry")
         print(f"\npush {built.timings.push:.2f}s, save {built.timings.save:.2f}s "

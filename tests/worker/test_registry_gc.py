@@ -35,7 +35,7 @@ def _push(engine: Any, settings: Settings, profile_id: str) -> None:
     lines: list[str] = []
     assert engine.build(buf, BuildSpec(tag=ref, dockerfile="Dockerfile"), lines.append).ok, lines
     try:
-        assert engine.push(ref).startswith("sha256:")
+        assert engine.push(ref).digest.startswith("sha256:")
     finally:
         engine.remove(ref)
 
