@@ -32,6 +32,7 @@ from pfbuild.client.jobs import BuildClient, BuildJob
 from pfbuild.client.models import BuildAnswer, BuildRequest
 from pfbuild.client.profile import validate_request
 from pfbuild.client.settings import Settings
+from pfbuild.client.top import top
 
 __all__ = [
     "Extensions",
@@ -260,6 +261,49 @@ def cancel(ctx: typer.Context, job_id: str) -> None:
         return {"job_id": job_id, "cancelled": True}
 
     _on_job(ctx, job_id, cancel_job)
+
+
+app.command()(top)
+
+
+@app.command()
+def hosts(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """List the farm's hosts: liveness, running jobs and the images each engine holds."""
+    import redis
+
+    from pfbuild.client.errors import QueueUnavailable
+    from pfbuild.client.hosts import list_hosts
+
+    try:
+        with BuildClient(settings=settings_of(ctx)) as client:
+            try:
+                found = list_hosts(client.redis)
+            except redis.RedisError as exc:
+                raise QueueUnavailable(f"cannot reach Redis: {exc}") from None
+    except PfbuildError as exc:
+        raise fail(exc) from None
+    if as_json or not sys.stdout.isatty():
+        emit({"hosts": [h.model_dump(mode="json") for h in found]})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="pfbuild hosts")
+    for col in ("host", "alive", "seen (s ago)", "docker host", "running", "images"):
+        table.add_column(col)
+    for h in found:
+        table.add_row(
+            h.host_id,
+            "yes" if h.alive else "DEAD",
+            str(h.seconds_since_seen),
+            h.docker_host or "",
+            f"{len(h.running)}/{h.concurrency}",
+            str(len(h.images)),
+        )
+    Console().print(table)
 
 
 def _load_extensions() -> None:

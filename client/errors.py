@@ -11,6 +11,7 @@
     │   ├── ImageLoadFailed         the engine refused an image tarball
     │   └── BaseImageFailed         the offline base image could not be made
     ├── TarballRejected             a cached tarball failed its checks and was quarantined
+    ├── RegistryFailed              the shared registry refused or failed a push, pull or delete
     ├── StorageError                the worker cannot read or write a build's files
     ├── BuildFailed                 the image build failed; carries a failure class and log
     │   └── BuildTimeout            the build ran past the worker's time limit and was stopped
@@ -57,6 +58,7 @@ __all__ = [
     "PfbuildError",
     "ProfileRefused",
     "QueueUnavailable",
+    "RegistryFailed",
     "StorageError",
     "TarballRejected",
     "UnsafePath",
@@ -200,6 +202,13 @@ class TarballRejected(PfbuildError):
     @property
     def moved_to(self) -> str | None:
         return self.details.get("moved_to")
+
+
+class RegistryFailed(PfbuildError):
+    """The shared registry failed a push, pull or delete (a build falls back to the next
+    tier instead of failing); check PFBUILD_REGISTRY and the registry's log."""
+
+    type = "registry_failed"
 
 
 class StorageError(PfbuildError):

@@ -34,6 +34,7 @@ from pfbuild.client.errors import (
     PfbuildError,
     QueueUnavailable,
 )
+from pfbuild.client.hosts import choose_queue
 from pfbuild.client.models import BuildAnswer, BuildRequest, JobState
 from pfbuild.client.profile import load_profile_file, parse_profile, validate_request
 from pfbuild.client.queue import (
@@ -348,6 +349,8 @@ class BuildClient:
                 # cost more than the rest of the send
                 argsrepr="()",
                 kwargsrepr=f"{{profile_id: {profile_id}, repo_dir: {req.repo_dir}}}",
+                # to a live host that holds the image, if any (client/hosts.py)
+                queue=choose_queue(self.redis, self.settings, req, profile_id),
             )
         except BaseException as exc:
             # nobody may join a job never sent (Ctrl-C included); if this process dies

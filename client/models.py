@@ -24,11 +24,12 @@ __all__ = [
     "FailureInfo",
     "JobState",
     "Manifest",
+    "RegistryInfo",
     "TarballInfo",
     "Timings",
 ]
 
-CacheSource = Literal["local", "tarball", "built"]
+CacheSource = Literal["local", "registry", "tarball", "built"]
 
 
 class JobState(str, Enum):
@@ -43,9 +44,11 @@ class JobState(str, Enum):
     WAITING_FOR_LOCK = "waiting_for_lock"
     RENDERING = "rendering"
     CHECKING_CACHE = "checking_cache"
+    PULLING_IMAGE = "pulling_image"
     LOADING_TARBALL = "loading_tarball"
     BUILDING = "building"
     SAVING_TARBALL = "saving_tarball"
+    PUSHING_IMAGE = "pushing_image"
     SUCCESS = "success"
     FAILURE = "failure"
     CANCELLED = "cancelled"
@@ -142,6 +145,8 @@ class Timings(BaseModel):
     load: float = 0.0
     build: float = 0.0
     save: float = 0.0
+    pull: float = 0.0
+    push: float = 0.0
     total: float = 0.0
 
 
@@ -152,6 +157,8 @@ _TIMING_OF = {
     JobState.LOADING_TARBALL: "load",
     JobState.BUILDING: "build",
     JobState.SAVING_TARBALL: "save",
+    JobState.PULLING_IMAGE: "pull",
+    JobState.PUSHING_IMAGE: "push",
 }
 
 
@@ -162,6 +169,14 @@ class TarballInfo(BaseModel):
     sha256: str | None = None
     size: int
     compression: Literal["zstd", "gzip", "none"]
+
+
+class RegistryInfo(BaseModel):
+    """The registry image the image was pulled from or pushed to."""
+
+    reference: str
+    digest: str
+    bytes: int = 0  # layer bytes that crossed the network (shared layers cost nothing)
 
 
 class Manifest(BaseModel):
@@ -180,6 +195,7 @@ class Manifest(BaseModel):
     force_rebuild: bool
     attempts: list[Attempt]
     tarball: TarballInfo | None = None
+    registry: RegistryInfo | None = None
     worker: str
     docker_host: str
     created_at: str

@@ -109,6 +109,36 @@ class Keys:
     def alive(job_id: str) -> str:
         """The heartbeat of the one delivery running the job: its token, short TTL."""
         return f"pfbuild:alive:{job_id}"
+    # --- operating the farm (docs/design.md, "Operating the farm") ----------------------
+    @staticmethod
+    def running() -> str:
+        """Hash: job id -> JSON (profile, host, worker, since) of each job in a slot."""
+        return "pfbuild:running"
+
+    @staticmethod
+    def failures() -> str:
+        """List, newest first and capped: the farm's recent failures."""
+        return "pfbuild:failures"
+
+    @staticmethod
+    def stats() -> str:
+        """Hash of counters: answers by cache source, failures by class."""
+        return "pfbuild:stats"
+
+    @staticmethod
+    def uses(host_id: str) -> str:
+        """Sorted set: profile id -> when a job last used its image on ``host_id``."""
+        return f"pfbuild:uses:{host_id}"
+
+    @staticmethod
+    def gc_report(host_id: str) -> str:
+        """JSON: what ``host_id``'s last garbage collection found and removed."""
+        return f"pfbuild:gc:{host_id}"
+
+    @staticmethod
+    def gc_lock(host_id: str) -> str:
+        """One collection at a time per host, however many workers it runs."""
+        return f"pfbuild:gc-lock:{host_id}"
 
 
 _DELETE_IF_VALUE = """

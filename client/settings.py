@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,7 +54,7 @@ class Settings(BaseSettings):
         "worker. A running job's heartbeat keeps its delivery fresh, so this bounds how long "
         "a dead host's job waits, not how long a build may run.",
     )
-    heartbeat_seconds: float = Field(
+    job_heartbeat_seconds: float = Field(
         default=10.0,
         description="How often a worker renews a running job's heartbeat (it lives three "
         "times as long) and its delivery's place in the broker's unacked index.",
@@ -117,6 +118,17 @@ class Settings(BaseSettings):
         default="3.8",
         description="Unauthenticated apt is tried only for Python at or below this version.",
     )
+    registry: str | None = Field(
+        default=None,
+        description="host:port of a Docker registry shared by every host: a worker pushes "
+        "each image it builds to {registry}/{image_repository}/{profile_id}:latest, and pulls "
+        "from there on a miss of its engine, before it looks at tarballs. Unset: no registry.",
+    )
+    tarball_cache: bool = Field(
+        default=True,
+        description="Save a tarball of each image built. With a registry set, turning it off "
+        "saves the tarball's time and disk (the registry stores shared layers once).",
+    )
     zstd_level: int = Field(default=3, description="zstd level of saved tarballs.")
     zstd_threads: int = Field(default=2, description="zstd worker threads when saving.")
 
@@ -171,10 +183,76 @@ class Settings(BaseSettings):
     )
     docker_timeout: int = Field(default=600, description="Seconds for one engine API call.")
 
+    # --- operating the farm (metrics, logs, garbage collection) --------------------------
+    metrics_port: int = Field(
+        default=9808,
+        description="Port of the worker's Prometheus endpoint (/metrics). 0: none. Two "
+        "workers on one machine need two ports.",
+    )
+    metrics_dir: Path | None = Field(
+        default=None,
+        description="prometheus_client's multiprocess folder (emptied when the worker "
+        "starts). Default: a fresh folder under the system's temp dir.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="How the worker logs each job's stage changes: text, or one JSON "
+        "object a line (`pfbuild worker --log-format json`).",
+    )
+    gc_interval_seconds: float = Field(
+        default=600.0,
+        description="How often each worker collects garbage on its host. 0: never (run "
+        "`pfbuild gc` yourself).",
+    )
+    gc_max_images: int = Field(
+        default=50,
+        description="Images of profiles a host keeps; beyond it the least recently used "
+        "go first. 0: no limit. Dangling images left by rebuilds are always collected.",
+    )
+    gc_dangling_grace_seconds: float = Field(
+        default=3600.0,
+        description="A dangling image (left untagged by a rebuild) stays this long after "
+        "its profile's last use: an agent may still run its gates on the image_id it was "
+        "answered.",
+    )
+    gc_max_tarball_bytes: int = Field(
+        default=50 * 2**30,
+        description="Bytes each tarball cache folder may hold; beyond it the least "
+        "recently used tarballs go first. 0: no limit.",
+    )
+    gc_max_registry_images: int = Field(
+        default=0,
+        description="Profiles' images the shared registry keeps (with PFBUILD_REGISTRY set); "
+        "beyond it `pfbuild gc --registry` deletes the least recently used manifests across "
+        "the farm, and the registry's own `garbage-collect` frees their layers. 0: no limit.",
+    )
+    gc_cache_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Tarball cache folders to collect besides {tmp_dir}/image-cache "
+        "(JSON list): the `image_cache_dir` agents send.",
+    )
+
+    # --- many hosts --------------------------------------------------------------------
+    heartbeat_seconds: float = Field(
+        default=5.0,
+        description="How often a worker renews its host's heartbeat in Redis and re-reads "
+        "which profiles' images its engine holds.",
+    )
+    host_ttl: int = Field(
+        default=20,
+        description="Seconds a host's heartbeat lives: a host silent this long is dead, its "
+        "queue's jobs go back to the shared queue and no request is routed to it.",
+    )
+    routing: bool = Field(
+        default=True,
+        description="Send each request to a live host that holds its image (else the host "
+        "its base image hashes to, else the shared queue). Off: the shared queue only.",
+    )
+
     @property
-    def heartbeat_ttl(self) -> float:
-        """A heartbeat not renewed for three periods means its worker is gone."""
-        return 3 * self.heartbeat_seconds
+    def job_heartbeat_ttl(self) -> float:
+        """A job's heartbeat not renewed for three periods means its worker is gone."""
+        return 3 * self.job_heartbeat_seconds
 
     @property
     def flight_ttl(self) -> int:
@@ -184,6 +262,12 @@ class Settings(BaseSettings):
 
     def image_tag(self, profile_id: str) -> str:
         return f"{self.image_repository}/{profile_id}:latest"
+
+    def registry_ref(self, profile_id: str) -> str | None:
+        """Where the registry tier keeps a profile's image, or None without a registry."""
+        if not self.registry:
+            return None
+        return f"{self.registry}/{self.image_repository}/{profile_id}:latest"
 
     def base_image(self, version: str) -> str:
         return self.base_image_template.format(version=version)

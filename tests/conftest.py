@@ -76,3 +76,35 @@ def url() -> Iterator[str]:
 
     with fake_redis_server() as server_url:
         yield server_url
+
+
+# --- many hosts: a second engine and a registry, stood up by .ci/hosts.sh --------------
+# The defaults are the ones .ci/hosts.sh uses; set these variables to point elsewhere.
+HOST_B_URL = os.environ.get("PFBUILD_TEST_HOST_B", "unix:///tmp/pfbuild-hostb/docker.sock")
+REGISTRY_ADDR = os.environ.get("PFBUILD_TEST_REGISTRY", "127.0.0.1:5055")
+
+
+@pytest.fixture(scope="session")
+def host_b(docker_engine):  # type: ignore[no-untyped-def]
+    """A second Docker engine ("host B") with the base image (`bash .ci/hosts.sh`)."""
+    from pfbuild.worker.engine import DockerEngine
+
+    engine = DockerEngine(HOST_B_URL, timeout=600)
+    if not engine.ping():
+        missing(f"a second Docker engine at {HOST_B_URL} (run `bash .ci/hosts.sh`)")
+    if engine.inspect(BASE_IMAGE) is None:
+        missing(f"the base image {BASE_IMAGE} on host B (run `bash .ci/hosts.sh`)")
+    return engine
+
+
+@pytest.fixture(scope="session")
+def registry_addr() -> str:
+    """host:port of a running Docker registry (`bash .ci/hosts.sh`)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{REGISTRY_ADDR}/v2/", timeout=5) as resp:
+            resp.read()
+    except OSError:
+        missing(f"a Docker registry at {REGISTRY_ADDR} (run `bash .ci/hosts.sh`)")
+    return REGISTRY_ADDR

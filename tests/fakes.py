@@ -14,7 +14,14 @@ from pfbuild.client.errors import ImageLoadFailed
 from pfbuild.client.models import BuildAnswer, BuildRequest
 from pfbuild.client.profile import validate_request
 from pfbuild.client.settings import Settings
-from pfbuild.worker.engine import BuildOutcome, BuildSpec, Engine, ImageInfo
+from pfbuild.worker.engine import (
+    BuildOutcome,
+    BuildSpec,
+    Engine,
+    ImageInfo,
+    RegistryFailed,
+    Transfer,
+)
 from pfbuild.worker.pipeline import run_build
 from pfbuild.worker.resolve import resolve_request
 
@@ -39,10 +46,21 @@ def run_request(request: BuildRequest, settings: Settings, engine: Engine,
     return run_build(resolve_request(request, settings), settings, engine, **kw)  # type: ignore[arg-type]
 
 
+class FakeRegistry:
+    """A registry several fake engines share: reference -> (image, blob, digest)."""
+
+    def __init__(self) -> None:
+        self.images: dict[str, tuple[ImageInfo, bytes, str]] = {}
+        self.pushes = 0
+        self.pulls = 0
+        self.down = False
+
+
 class FakeEngine:
     host = "fake://engine"
 
-    def __init__(self) -> None:
+    def __init__(self, registry: FakeRegistry | None = None) -> None:
+        self.registry = registry or FakeRegistry()
         self.images: dict[str, ImageInfo] = {}
         self.blobs: dict[str, bytes] = {}
         self.builds: list[dict[str, object]] = []
@@ -113,3 +131,27 @@ class FakeEngine:
     def remove(self, tag: str) -> None:
         self.images.pop(tag, None)
         self.blobs.pop(tag, None)
+
+    def tag(self, source: str, target: str) -> None:
+        self.images[target] = self.images[source]
+        self.blobs[target] = self.blobs[source]
+
+    def push(self, ref: str) -> Transfer:
+        if self.registry.down:
+            raise RegistryFailed("connection refused")
+        self.registry.pushes += 1
+        digest = "sha256:" + hashlib.sha256(self.blobs[ref]).hexdigest()
+        self.registry.images[ref] = (self.images[ref], self.blobs[ref], digest)
+        return Transfer(digest, len(self.blobs[ref]))
+
+    def pull(self, ref: str) -> Transfer | None:
+        if self.registry.down:
+            raise RegistryFailed("connection refused")
+        if ref not in self.registry.images:
+            return None
+        self.registry.pulls += 1
+        self.images[ref], self.blobs[ref], digest = self.registry.images[ref]
+        return Transfer(digest, len(self.blobs[ref]))
+
+    def tags(self, repository: str) -> list[str]:
+        return sorted(t for t in self.images if t.startswith(repository + "/"))

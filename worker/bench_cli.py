@@ -87,3 +87,32 @@ def bench_digest(
         return
     columns = list(rows[0])
     _print_table("context digest", columns, [[row[c] for c in columns] for row in rows])
+
+
+@bench_app.command("hosts")
+def bench_hosts(
+    ctx: typer.Context,
+    host_b: Annotated[str, typer.Option(help="The second engine (DOCKER_HOST syntax).")],
+    registry: Annotated[
+        str | None, typer.Option(help="host:port of the registry (default PFBUILD_REGISTRY).")
+    ] = None,
+    repo: Annotated[Path, typer.Option(help="Repository with a repo_profile.json.")] = Path(
+        "examples/hello"
+    ),
+    profiles: Annotated[int, typer.Option(help="Distinct profiles.")] = 20,
+    submits: Annotated[int, typer.Option(help="Submits of each profile.")] = 10,
+) -> None:
+    """Two engines, a registry: builds per profile, hits on a holder, registry vs tarball."""
+    from pfbuild.client.cli import fail
+    from pfbuild.client.errors import BadRequest
+    from pfbuild.worker.hostbench import hosts_bench
+
+    settings = settings_of(ctx)
+    registry = registry or settings.registry
+    if not registry:
+        raise fail(BadRequest("give --registry or set PFBUILD_REGISTRY"))
+    settings = settings.model_copy(update={"registry": registry})
+    result = hosts_bench(
+        settings, repo, host_b=host_b, registry=registry, profiles=profiles, submits=submits
+    )
+    emit({"benchmark": "hosts", **result})

@@ -14,7 +14,9 @@ from celery import Celery, signals
 from pfbuild.client.errors import QueueUnavailable
 from pfbuild.client.queue import make_celery
 from pfbuild.client.settings import Settings
+from pfbuild.worker.hosts import install as install_host
 from pfbuild.worker.lockwait import start_sweeper
+from pfbuild.worker.ops import install as install_ops
 from pfbuild.worker.tasks import register
 
 __all__ = ["configure_worker", "create_app"]
@@ -90,4 +92,6 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     configure_worker(app, settings)
     register(app, settings)
     sweep_parked_jobs(app, settings)
+    install_ops(app, settings)  # metrics, farm state, stage logs, periodic gc
+    install_host(app, settings)  # its own queue, heartbeat and images held, in Redis
     return app

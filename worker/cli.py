@@ -15,6 +15,8 @@ import typer
 from pfbuild.client.cli import Extensions, emit, fail, parse_request, read_stdin, settings_of
 from pfbuild.client.errors import PfbuildError
 from pfbuild.client.models import JobState
+from pfbuild.client.settings import Settings
+from pfbuild.worker.ops_cli import gc
 from pfbuild.worker.run import Progress, no_progress
 
 __all__ = ["register"]
@@ -96,11 +98,16 @@ def worker(
     concurrency: Annotated[int | None, typer.Option(help="Builds at once.")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
+    log_format: Annotated[
+        str | None, typer.Option(help="Job stage lines: text or json (PFBUILD_LOG_FORMAT).")
+    ] = None,
 ) -> None:
     """Start a worker (same as `celery -A pfbuild.worker worker`)."""
     from pfbuild.worker.celery_app import create_app
 
     settings = settings_of(ctx)
+    if log_format:
+        settings = Settings.model_validate({**settings.model_dump(), "log_format": log_format})
     argv = [
         "worker",
         f"--loglevel={loglevel}",
@@ -123,5 +130,6 @@ def register(app: typer.Typer, extensions: Extensions) -> None:
     app.command()(build)
     app.command("base-image")(base_image)
     app.command()(worker)
+    app.command()(gc)
     app.add_typer(bench_app, name="bench")
     extensions.embedded_farm = embedded_farm

@@ -40,7 +40,9 @@ def embedded_farm(settings: Settings, concurrency: int = 2) -> Iterator[str]:
     from pfbuild.worker.celery_app import create_app
 
     with fake_redis_server() as url:
-        app = create_app(settings, url)
+        # no metrics endpoint nor periodic collection for a one-shot, in-process farm
+        quiet = settings.model_copy(update={"metrics_port": 0, "gc_interval_seconds": 0})
+        app = create_app(quiet, url)
         worker = start_worker(
             app,
             pool="threads",

@@ -26,6 +26,7 @@ from pfbuild.client.errors import (
     EngineUnavailable,
     ImageLoadFailed,
     JobCancelled,
+    RegistryFailed,
 )
 from pfbuild.client.settings import Settings
 
@@ -36,6 +37,8 @@ __all__ = [
     "DockerEngine",
     "Engine",
     "ImageInfo",
+    "RegistryFailed",
+    "Transfer",
     "engine_from_settings",
     "parse_step",
 ]
@@ -88,6 +91,33 @@ class Abort:
 def _shutdown(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """An image moved to or from a registry: its manifest digest and the layer bytes
+    that actually crossed (layers the other side held already cost nothing)."""
+
+    digest: str
+    bytes: int = 0
+
+
+class _Progress:
+    """Layer sizes from a push or pull's progress stream: the largest total each layer
+    announced while it was being sent or received."""
+
+    def __init__(self) -> None:
+        self.layers: dict[str, int] = {}
+
+    def see(self, item: dict[str, Any]) -> None:
+        detail = item.get("progressDetail") or {}
+        if item.get("status") in ("Pushing", "Downloading") and detail.get("total"):
+            layer = str(item.get("id", ""))
+            self.layers[layer] = max(self.layers.get(layer, 0), int(detail["total"]))
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.layers.values())
 
 
 @dataclass(frozen=True)
@@ -144,6 +174,18 @@ class Engine(Protocol):
 
     def remove(self, tag: str) -> None:
         """Untag ``tag`` (and drop its layers if no other tag holds them)."""
+
+    def tag(self, source: str, target: str) -> None:
+        """Give the image ``source`` the tag ``target`` too (``repo:tag`` form)."""
+
+    def push(self, ref: str) -> Transfer:
+        """Push ``ref`` (``registry/repo:tag``) and return its manifest digest."""
+
+    def pull(self, ref: str) -> Transfer | None:
+        """Pull ``ref``; its manifest digest, or None when the registry has no such image."""
+
+    def tags(self, repository: str) -> list[str]:
+        """Every ``repo:tag`` this engine holds under ``{repository}/``."""
 
 
 _UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
@@ -344,6 +386,68 @@ class DockerEngine:
         with contextlib.suppress(docker.errors.ImageNotFound):
             self.api.remove_image(tag, force=True)
 
+    def tag(self, source: str, target: str) -> None:
+        repo, _, tag = target.rpartition(":")
+        try:
+            self.api.tag(source, repo, tag, force=True)
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(f"Docker engine at {self.host} failed to tag: {exc}") from None
+
+    def push(self, ref: str) -> Transfer:
+        repo, _, tag = ref.rpartition(":")
+        digest: str | None = None
+        moved = _Progress()
+        try:
+            for item in self.api.push(repo, tag=tag, stream=True, decode=True):
+                if "error" in item:
+                    raise RegistryFailed(str(item["error"]).strip())
+                moved.see(item)
+                aux = item.get("aux")
+                if isinstance(aux, dict) and "Digest" in aux:
+                    digest = str(aux["Digest"])
+        except docker.errors.APIError as exc:
+            raise RegistryFailed(str(exc.explanation or exc)) from None
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(f"Docker engine at {self.host} failed to push: {exc}") from None
+        if digest is None:
+            raise RegistryFailed(f"the engine pushed {ref} but reported no digest")
+        return Transfer(digest, moved.bytes)
+
+    def pull(self, ref: str) -> Transfer | None:
+        repo, _, tag = ref.rpartition(":")
+        digest: str | None = None
+        moved = _Progress()
+        try:
+            for item in self.api.pull(repo, tag=tag, stream=True, decode=True):
+                if "error" in item:
+                    raise RegistryFailed(str(item["error"]).strip())
+                moved.see(item)
+                status = str(item.get("status", ""))
+                if status.startswith("Digest: "):
+                    digest = status.removeprefix("Digest: ").strip()
+        except docker.errors.NotFound:
+            return None  # the registry answered: it has no such image
+        except docker.errors.APIError as exc:
+            raise RegistryFailed(str(exc.explanation or exc)) from None
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(f"Docker engine at {self.host} failed to pull: {exc}") from None
+        if digest is None:  # an engine that does not say it: ask the image
+            info: dict[str, Any] = self.api.inspect_image(ref)
+            for repo_digest in info.get("RepoDigests") or []:
+                if str(repo_digest).startswith(repo + "@"):
+                    digest = str(repo_digest).partition("@")[2]
+        return Transfer(digest or "unknown", moved.bytes)
+
+    def tags(self, repository: str) -> list[str]:
+        try:
+            images: list[dict[str, Any]] = self.api.images(filters={"reference": f"{repository}/*"})
+        except _UNREACHABLE as exc:
+            raise EngineUnavailable(
+                f"Docker engine at {self.host} stopped answering: {exc}"
+            ) from None
+        return sorted(
+            str(t) for image in images for t in image.get("RepoTags") or [] if t != "<none>:<none>"
+        )
 
 def _raise_if_aborted(abort: Abort | None) -> None:
     if abort is not None and abort.triggered.is_set():

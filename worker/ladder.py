@@ -27,6 +27,7 @@ __all__ = [
     "LABEL_CONTEXT",
     "LABEL_DOCKERFILE",
     "LABEL_PROFILE",
+    "LABEL_REPOSITORY",
     "LABEL_VARIANT",
     "build_with_ladder",
 ]
@@ -38,6 +39,9 @@ LABEL_VARIANT = "org.pfbuild.variant"
 LABEL_DOCKERFILE = "org.pfbuild.dockerfile_sha256"
 # the digest of the code COPY put in the image: what makes a cached image a hit
 LABEL_CONTEXT = "org.pfbuild.context_sha256"
+# the image repository the farm tags with: garbage collection of a dangling image (which
+# has lost its tag) keeps to the farm that built it
+LABEL_REPOSITORY = "org.pfbuild.image_repository"
 
 
 def build_with_ladder(run: BuildRun, cached: ImageInfo | None) -> tuple[Variant, ImageInfo]:
@@ -172,6 +176,7 @@ def _one_build(
                 LABEL_VARIANT: variant.name,
                 LABEL_DOCKERFILE: hashlib.sha256(text.encode()).hexdigest(),
                 LABEL_CONTEXT: run.scan().digest,
+                LABEL_REPOSITORY: run.settings.image_repository,
             },
             idle_timeout=run.settings.idle_timeout or None,
             abort=run.abort,

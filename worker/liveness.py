@@ -1,7 +1,7 @@
 """A running job's heartbeat, and what a redelivered copy of a job does.
 
 While a delivery runs a job it holds ``Keys.alive(job)`` (its token, a short TTL) and a
-thread renews it every ``heartbeat_seconds``; the same beat keeps the job's record alive
+thread renews it every ``job_heartbeat_seconds``; the same beat keeps the job's record alive
 and moves the job's deliveries to *now* in the broker's unacked index, so the broker never
 hands a running job to another worker however long it builds. A dead host stops beating:
 its delivery comes back after ``visibility_timeout``.
@@ -90,7 +90,7 @@ class Heartbeat:
 
     def claim(self) -> str | None:
         """Start beating for the job; return the holder's token if another delivery beats."""
-        ttl = int(self.settings.heartbeat_ttl * 1000)
+        ttl = int(self.settings.job_heartbeat_ttl * 1000)
         if self.client.set(self.key, self.token, nx=True, px=ttl):
             # the record may have expired with a slow send: the job exists while it runs
             self.client.set(Keys.job(self.job_id), "running", ex=self.settings.flight_ttl)
@@ -105,7 +105,7 @@ class Heartbeat:
         """Renew: our heartbeat, the job's record, and the job's deliveries' visibility."""
         tags = job_deliveries(self.client, self.unacked, self.job_id)
         pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.key, self.token, px=int(self.settings.heartbeat_ttl * 1000))
+        pipe.set(self.key, self.token, px=int(self.settings.job_heartbeat_ttl * 1000))
         # EXPIRE, not SET: a record wiped with Redis stays wiped, so waiters learn of it
         pipe.expire(Keys.job(self.job_id), self.settings.flight_ttl)
         if tags:
@@ -130,20 +130,20 @@ class Heartbeat:
         self._thread = None
 
     def resume(self) -> None:
-        """Beat every ``heartbeat_seconds`` (again), starting now; between beats, look for
+        """Beat every ``job_heartbeat_seconds`` (again), starting now; between beats, look for
         the job's cancel flag every ``_CANCEL_POLL`` seconds and call ``on_cancel`` once."""
 
         def loop(stop: threading.Event) -> None:
-            next_beat = time.monotonic() + self.settings.heartbeat_seconds
+            next_beat = time.monotonic() + self.settings.job_heartbeat_seconds
             cancelled = False
-            while not stop.wait(min(_CANCEL_POLL, self.settings.heartbeat_seconds)):
+            while not stop.wait(min(_CANCEL_POLL, self.settings.job_heartbeat_seconds)):
                 with contextlib.suppress(redis.RedisError):  # a blip: try again later
                     if not cancelled and self.client.exists(Keys.cancel(self.job_id)):
                         cancelled = True
                         self.on_cancel()
                     if time.monotonic() >= next_beat:
                         self.beat()
-                        next_beat = time.monotonic() + self.settings.heartbeat_seconds
+                        next_beat = time.monotonic() + self.settings.job_heartbeat_seconds
 
         with contextlib.suppress(redis.RedisError):
             self.beat()

@@ -1,11 +1,12 @@
 """One request, start to answer, in three steps: reuse → build → publish.
 
-- **reuse**: the image the engine already holds under the profile's tag, else a saved
-  tarball streamed into the engine;
+- **reuse**: the image the engine already holds under the profile's tag, else the one
+  in the shared registry (``PFBUILD_REGISTRY``, :mod:`pfbuild.worker.registry`), else a
+  saved tarball streamed into the engine;
 - **build**: the Dockerfile built on the engine, climbing the retry ladder
   (:mod:`pfbuild.worker.ladder`);
-- **publish**: the new image saved as a tarball for other hosts, then the manifest and
-  the answer.
+- **publish**: the new image saved as a tarball and pushed to the registry for other
+  hosts, then the manifest and the answer.
 
 Each step hands the next what it made (the image, the tarball) instead of asking the
 engine again. The queue's task and ``pfbuild build`` are thin shells around
@@ -29,9 +30,17 @@ from importlib.metadata import PackageNotFoundError, version
 import requests
 
 from pfbuild.client.errors import EngineUnavailable, StorageError, TarballRejected
-from pfbuild.client.models import BuildAnswer, CacheSource, JobState, Manifest, TarballInfo, Timings
+from pfbuild.client.models import (
+    BuildAnswer,
+    CacheSource,
+    JobState,
+    Manifest,
+    RegistryInfo,
+    TarballInfo,
+    Timings,
+)
 from pfbuild.client.settings import Settings
-from pfbuild.worker import cache, layout
+from pfbuild.worker import cache, layout, registry
 from pfbuild.worker.artifacts import atomic_write_text, exclusive_lock
 from pfbuild.worker.engine import Abort, Engine, ImageInfo
 from pfbuild.worker.ladder import LABEL_CONTEXT, LABEL_VARIANT, build_with_ladder
@@ -52,6 +61,7 @@ class Image:
     source: CacheSource
     variant: Variant
     tarball: TarballInfo | None = None
+    registry: RegistryInfo | None = None
 
 
 @functools.cache
@@ -195,7 +205,22 @@ def _reuse(run: BuildRun) -> Image | None:
         if _holds_this_code(run, run.cached, "local"):
             return Image(run.cached, "local", _variant_of(run.cached))
         return None
-    return _load_tarball(run)
+    return _pull(run) or _load_tarball(run)
+
+
+def _pull(run: BuildRun) -> Image | None:
+    """The image from the shared registry, if one is set and holds this very code."""
+    if not run.settings.registry:
+        return None
+    with run.stage(JobState.PULLING_IMAGE):
+        pulled = registry.fetch(run.engine, run.settings, run.resolved.profile_id, run.events)
+        info = run.engine.inspect(run.tag) if pulled else None
+    if pulled is None or info is None:
+        return None
+    run.cached = info  # other code: its layers still seed the build
+    if not _holds_this_code(run, info, "registry"):
+        return None
+    return Image(info, "registry", _variant_of(info), registry=pulled)
 
 
 def _load_tarball(run: BuildRun) -> Image | None:
@@ -224,30 +249,43 @@ def _build(run: BuildRun) -> Image:
 
 
 def _publish(run: BuildRun, image: Image) -> Image:
-    """Save a new image's tarball for other hosts (atomically, only while locked).
-
-    A save the disk refuses (full, read-only) leaves no file behind and does not fail the
-    build: the image is in this engine, and the answer says the tarball was not saved."""
-    with run.stage(JobState.SAVING_TARBALL):
-        try:
-            tarball = cache.save_tarball(
-                run.engine,
-                run.tag,
-                run.resolved.cache_dir,
-                run.resolved.profile_id,
-                level=run.settings.zstd_level,
-                threads=run.settings.zstd_threads,
-                trust=run.trust,
-                guard=run.guard,
-                fence=run.fence,
+    """Save a new image's tarball (atomically, the lock's fence in its name) and push it
+    to the registry, for other hosts, only while locked. With a registry, the tarball is
+    optional."""
+    tarball = pushed = None
+    if run.settings.tarball_cache or not run.settings.registry:
+        with run.stage(JobState.SAVING_TARBALL):
+            tarball = _save_tarball(run)
+    if run.settings.registry:
+        run.guard()  # a run that lost its lock publishes nothing
+        with run.stage(JobState.PUSHING_IMAGE):
+            pushed = registry.publish(
+                run.engine, run.settings, run.resolved.profile_id, run.events
             )
-        except requests.RequestException:
-            raise  # the engine's fault, not the disk's
-        except OSError as exc:
-            run.events.append(f"tarball not saved (other hosts will build it): {exc}")
-            log.warning("tarball of %s not saved: %s", run.resolved.profile_id, exc)
-            return image
-    return Image(image.info, image.source, image.variant, tarball)
+    return Image(image.info, image.source, image.variant, tarball, pushed)
+
+
+def _save_tarball(run: BuildRun) -> TarballInfo | None:
+    """A save the disk refuses (full, read-only) leaves no file behind and does not fail
+    the build: the image is in this engine, and the answer says the tarball was not saved."""
+    try:
+        return cache.save_tarball(
+            run.engine,
+            run.tag,
+            run.resolved.cache_dir,
+            run.resolved.profile_id,
+            level=run.settings.zstd_level,
+            threads=run.settings.zstd_threads,
+            trust=run.trust,
+            guard=run.guard,
+            fence=run.fence,
+        )
+    except requests.RequestException:
+        raise  # the engine's fault, not the disk's
+    except OSError as exc:
+        run.events.append(f"tarball not saved (other hosts will build it): {exc}")
+        log.warning("tarball of %s not saved: %s", run.resolved.profile_id, exc)
+        return None
 
 
 def _manifest(run: BuildRun, image: Image, dockerfile_text: str) -> Manifest:
@@ -265,6 +303,7 @@ def _manifest(run: BuildRun, image: Image, dockerfile_text: str) -> Manifest:
         force_rebuild=resolved.request.force_rebuild,
         attempts=run.attempts,
         tarball=image.tarball,
+        registry=image.registry,
         worker=run.worker,
         docker_host=run.settings.host_id,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -19,6 +19,7 @@ from kombu.exceptions import OperationalError
 from pfbuild.client.models import JobState
 from pfbuild.client.queue import Keys
 from pfbuild.client.settings import Settings
+from pfbuild.worker.oplog import log_stage
 
 __all__ = ["Reporter"]
 
@@ -58,6 +59,9 @@ class Reporter:
             self.publish(state, **info)
 
     def publish(self, state: JobState, **info: Any) -> None:
+        if state != self.state:  # one searchable line per stage change
+            profile_id = str(self.base.get("profile_id"))
+            log_stage(self.job_id, profile_id, self.settings.host_id, state.value)
         self.state = state
         self.last_publish = time.monotonic()
         self.flush()

@@ -148,7 +148,7 @@ class _Job:
             if self.beat.others_on_broker():
                 log.info("job %s runs elsewhere (%s); this copy steps aside", self.id, holder)
                 raise Ignore()
-            if time.monotonic() - last_visible >= self.settings.heartbeat_seconds:
+            if time.monotonic() - last_visible >= self.settings.job_heartbeat_seconds:
                 self.beat.keep_visible()
                 last_visible = time.monotonic()
             time.sleep(1)
@@ -320,6 +320,10 @@ def register(
     proc = _Process(app, settings, engine_factory)
 
     class BuildTask(Task):  # type: ignore[misc]
+        # Celery logs each result's repr at INFO; the answer is kilobytes, and our own
+        # structured stage line says how the job ended
+        resultrepr_maxsize = 120
+
         def after_return(
             self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
         ) -> None:

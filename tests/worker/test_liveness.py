@@ -25,7 +25,7 @@ PROFILE = {"install_cmds": ["pip install ."], "env": {"B": "2"}}
 
 def _setup(url: str, tmp_path: Path, engine: FakeEngine) -> tuple[Any, Any, dict[str, Any]]:
     settings = Settings(redis_url=url, tmp_dir=tmp_path / "t", host_id="h",
-                        heartbeat_seconds=0.2)
+                        job_heartbeat_seconds=0.2)
     app = make_celery(settings, url)
     configure_worker(app, settings)
     task = register(app, settings, engine_factory=lambda: engine)
@@ -87,7 +87,7 @@ def test_the_heartbeat_keeps_the_deliveries_of_its_job_fresh(url: str, tmp_path:
     _unacked(r, "other", "tag-other")
     r.set(Keys.job("job-d"), "sent", ex=5)
     assert job_deliveries(r, Unacked(app), "job-d") == [b"tag-d"]
-    beat = Heartbeat(r, app, Settings(heartbeat_seconds=0.1), "job-d", "w1")
+    beat = Heartbeat(r, app, Settings(job_heartbeat_seconds=0.1), "job-d", "w1")
     assert beat.claim() is None
     with beat.running():
         time.sleep(0.35)

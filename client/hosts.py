@@ -1,0 +1,188 @@
+"""The hosts of a farm as Redis knows them, and where a request should run.
+
+Every worker's host (``PFBUILD_HOST_ID``) keeps, in Redis:
+
+- ``pfbuild:host:{id}``: its heartbeat, a JSON object that expires after
+  ``Settings.host_ttl`` seconds unless the worker renews it (so a dead host goes quiet);
+- ``pfbuild:host:{id}:images``: the profile ids whose images its engine holds;
+- ``pfbuild:host:{id}:jobs``: the jobs running there (job id -> profile id);
+- and its id in the set ``pfbuild:hosts``, so that a dead host is still listed.
+
+Each host also consumes a queue of its own, ``pfbuild.host.{id}``. :func:`choose_queue`
+sends a request to a live host that holds its image (unless builds fill its slots); a
+new profile to the host picked by rendezvous hashing on its base image (builds of one
+base land where its layers are), unless jobs running, queued or just routed there fill
+its slots; else to the shared queue, as when no host is known. A live worker moves
+the jobs of a dead host's queue back to the shared queue (``pfbuild.worker.hosts``).
+
+Readers only: the worker side writes these keys. Imports no docker SDK.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import redis
+from pydantic import BaseModel, Field
+
+from pfbuild.client.models import BuildRequest
+from pfbuild.client.profile import parse_profile
+from pfbuild.client.queue import QUEUE
+from pfbuild.client.settings import Settings
+
+__all__ = ["HOSTS", "HostInfo", "HostKeys", "choose_queue", "host_queue", "list_hosts"]
+
+HOSTS = "pfbuild:hosts"
+
+
+class HostKeys:
+    """Redis key names of one host."""
+
+    @staticmethod
+    def heartbeat(host_id: str) -> str:
+        return f"pfbuild:host:{host_id}"
+
+    @staticmethod
+    def images(host_id: str) -> str:
+        return f"pfbuild:host:{host_id}:images"
+
+    @staticmethod
+    def last_seen(host_id: str) -> str:
+        """When the host last beat (no TTL: it outlives the heartbeat)."""
+        return f"pfbuild:host:{host_id}:last_seen"
+
+    @staticmethod
+    def routed(host_id: str) -> str:
+        """Jobs routed to the host in the last few seconds (submits race each other)."""
+        return f"pfbuild:host:{host_id}:routed"
+
+    @staticmethod
+    def jobs(host_id: str) -> str:
+        return f"pfbuild:host:{host_id}:jobs"
+
+
+def host_queue(host_id: str) -> str:
+    """The queue only ``host_id``'s workers consume."""
+    return f"{QUEUE}.host.{host_id}"
+
+
+class HostInfo(BaseModel):
+    """One host, as ``pfbuild hosts`` shows it."""
+
+    host_id: str
+    alive: bool
+    docker_host: str | None = None
+    node: str | None = None
+    queues: list[str] = Field(default_factory=list)
+    concurrency: int = 0
+    last_seen: float | None = None
+    seconds_since_seen: float | None = None
+    running: dict[str, str] = Field(default_factory=dict)
+    queued: int = 0
+    images: list[str] = Field(default_factory=list)
+
+    @property
+    def busy(self) -> bool:
+        """Every slot taken by jobs running or already waiting in its own queue."""
+        return self.concurrency > 0 and len(self.running) + self.queued >= self.concurrency
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def list_hosts(client: redis.Redis, *, with_images: bool = True) -> list[HostInfo]:
+    """Every host that ever registered, live or not, sorted by id."""
+    ids = sorted(_text(i) for i in client.smembers(HOSTS))
+    if not ids:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for host_id in ids:
+        pipe.get(HostKeys.heartbeat(host_id))
+        pipe.hgetall(HostKeys.jobs(host_id))
+        pipe.llen(host_queue(host_id))
+        if with_images:
+            pipe.smembers(HostKeys.images(host_id))
+    replies = pipe.execute()
+    step = 4 if with_images else 3
+    now = time.time()
+    hosts = []
+    for i, host_id in enumerate(ids):
+        beat, jobs, queued = replies[i * step : i * step + 3]
+        images = replies[i * step + 3] if with_images else set()
+        info: dict[str, Any] = json.loads(beat) if beat else {}
+        last = info.get("last_seen")
+        hosts.append(
+            HostInfo(
+                host_id=host_id,
+                alive=beat is not None,
+                docker_host=info.get("docker_host"),
+                node=info.get("node"),
+                queues=info.get("queues", []),
+                concurrency=int(info.get("concurrency", 0)),
+                last_seen=last,
+                seconds_since_seen=round(now - last, 1) if last else None,
+                running={_text(k): _text(v) for k, v in jobs.items()},
+                queued=int(queued),
+                images=sorted(_text(p) for p in images),
+            )
+        )
+    return hosts
+
+
+def _rendezvous(key: str, host_ids: list[str]) -> str:
+    """The host with the highest hash of (key, host): stable while hosts come and go."""
+    return max(host_ids, key=lambda h: hashlib.sha256(f"{key}\0{h}".encode()).digest())
+
+
+def choose_queue(
+    client: redis.Redis, settings: Settings, request: BuildRequest, profile_id: str
+) -> str:
+    """The queue ``request`` should go to (see the module docstring); the shared queue
+    whenever Redis cannot say better."""
+    if not settings.routing:
+        return QUEUE
+    try:
+        live = [h for h in list_hosts(client, with_images=False) if h.alive]
+        if not live:
+            return QUEUE
+        pipe = client.pipeline(transaction=False)
+        for host in live:
+            pipe.sismember(HostKeys.images(host.host_id), profile_id)
+        holders = [h for h, held in zip(live, pipe.execute(), strict=True) if held]
+    except redis.RedisError:
+        return QUEUE
+    if holders:
+        # A hit takes milliseconds, so hits may queue at a holder; but not behind builds
+        # filling its slots: then any host, as a pull from the registry beats waiting.
+        free = [h for h in holders if not h.concurrency or len(h.running) < h.concurrency]
+        return host_queue(min(free, key=lambda h: len(h.running)).host_id) if free else QUEUE
+    base = QUEUE
+    if request.profile is not None:
+        base = settings.base_image(parse_profile(request.profile).python_version)
+    chosen = _rendezvous(base, sorted(h.host_id for h in live))
+    host = next(h for h in live if h.host_id == chosen)
+    return QUEUE if host.busy else _claim(client, host)
+
+
+_ROUTED_WINDOW = 3  # seconds a routing decision counts against a host's free slots
+
+
+def _claim(client: redis.Redis, host: HostInfo) -> str:
+    """The host's queue if a slot is still free counting the jobs routed there in the
+    last seconds: many agents submitting at once all read the host idle, and would
+    otherwise all be sent to it."""
+    try:
+        pipe = client.pipeline(transaction=True)
+        pipe.incr(HostKeys.routed(host.host_id))
+        pipe.expire(HostKeys.routed(host.host_id), _ROUTED_WINDOW)
+        recent = int(pipe.execute()[0]) - 1
+    except redis.RedisError:
+        return QUEUE
+    taken = len(host.running) + max(host.queued, recent)
+    if host.concurrency and taken >= host.concurrency:
+        return QUEUE
+    return host_queue(host.host_id)
