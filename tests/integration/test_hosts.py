@@ -20,7 +20,7 @@ import redis
 from pfbuild.client import hosts as routing
 from pfbuild.client.hosts import host_queue, list_hosts
 from pfbuild.client.jobs import BuildClient, BuildJob
-from pfbuild.client.queue import TASK_NAME, Keys
+from pfbuild.client.queue import TASK_NAME, Keys, mark_sent
 from pfbuild.worker.localfarm import RedisServer, Worker
 from tests.conftest import HOST_B_URL, missing
 from tests.hostsupport import BuildCounter, delete_from_registry
@@ -108,6 +108,7 @@ def test_one_profile_sent_to_both_hosts_is_built_once(
             client.app.send_task(TASK_NAME, task_id=job_id, queue=host_queue(host), kwargs={
                 "request": req.model_dump(mode="json"), "profile_id": profile_id,
                 "submitted_at": time.time()})
+            mark_sent(client.redis, job_id, client.settings)  # it exists: waiters wait
             jobs.append(BuildJob(client, job_id, profile_id))
         answers = [j.result(timeout=600) for j in jobs]
         time.sleep(1)  # the last events
