@@ -86,7 +86,7 @@ def tarball_dirs(settings: Settings, extra: Iterable[Path] = ()) -> list[Path]:
 def _tarball_profile(path: Path) -> str | None:
     for suffix in _TARBALL_SUFFIXES:
         if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
+            return layout.unfenced(path.name[: -len(suffix)])
     return None
 
 

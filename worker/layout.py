@@ -28,6 +28,7 @@ __all__ = [
     "artifact_parts",
     "fenced_tarballs",
     "tarball_name",
+    "unfenced",
     "unsupported_registry",
 ]
 
@@ -70,6 +71,13 @@ def tarball_name(profile_id: str, fence: int | None = None) -> str:
     if fence is None:
         return f"{profile_id}{_TARBALL_SUFFIX}"
     return f"{profile_id}{_FENCE_MARK}{fence}{_TARBALL_SUFFIX}"
+
+
+def unfenced(stem: str) -> str:
+    """The profile id in a tarball's name less its suffix: ``{profile_id}+f{fence}`` or
+    ``{profile_id}``."""
+    head, mark, fence = stem.rpartition(_FENCE_MARK)
+    return head if mark and fence.isdigit() else stem
 
 
 def fenced_tarballs(cache_dir: Path, profile_id: str) -> list[tuple[int, Path]]:

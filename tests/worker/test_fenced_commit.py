@@ -87,3 +87,14 @@ def test_the_checksum_follows_a_durable_tarball(tmp_path: Path,
     monkeypatch.undo()
     assert sorted(p.name for p in cache_dir.iterdir()) == [old.name, old.name + ".sha256"]
     assert _sidecar_agrees(old)
+
+
+def test_a_fenced_name_still_names_its_profile() -> None:
+    """What reads profile ids back from cache file names (garbage collection) sees
+    through the fence."""
+    assert layout.unfenced(layout.tarball_name("p1", 42)[: -len(".tar.zst")]) == "p1"
+    assert layout.unfenced("p1") == "p1" and layout.unfenced("a+fx") == "a+fx"
+    from pfbuild.worker.gc import _tarball_profile
+
+    assert _tarball_profile(Path(layout.tarball_name("abc", 1795777532513))) == "abc"
+    assert _tarball_profile(Path("abc.tar")) == "abc"
