@@ -13,14 +13,30 @@ event of the run and the pipeline goes on to the next tier (tarball, then build)
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from pfbuild.client.models import RegistryInfo
 from pfbuild.client.settings import Settings
-from pfbuild.worker.engine import Engine, RegistryFailed
+from pfbuild.worker.engine import Engine, RegistryFailed, Transfer
 
 __all__ = ["fetch", "publish"]
 
 log = logging.getLogger(__name__)
+
+
+def _moved(
+    move: Callable[[str], Transfer | None], ref: str, what: str, events: list[str]
+) -> RegistryInfo | None:
+    """Run ``move(ref)``; a registry failure is an event of the run, never its end."""
+    try:
+        moved = move(ref)
+    except RegistryFailed as exc:
+        events.append(f"registry {what} of {ref} failed ({exc}); trying without the registry")
+        log.warning("%s of %s failed: %s", what, ref, exc)
+        return None
+    if moved is None:
+        return None
+    return RegistryInfo(reference=ref, digest=moved.digest, bytes=moved.bytes)
 
 
 def fetch(
@@ -34,17 +50,11 @@ def fetch(
     ref = settings.registry_ref(profile_id)
     if ref is None:
         return None
-    try:
-        moved = engine.pull(ref)
-    except RegistryFailed as exc:
-        events.append(f"registry pull of {ref} failed ({exc}); trying the next tier")
-        log.warning("pull of %s failed: %s", ref, exc)
-        return None
-    if moved is None:
-        return None
-    engine.tag(ref, settings.image_tag(profile_id))
-    engine.remove(ref)  # only untags: the local tag holds the layers
-    return RegistryInfo(reference=ref, digest=moved.digest, bytes=moved.bytes)
+    info = _moved(engine.pull, ref, "pull", events)
+    if info is not None:
+        engine.tag(ref, settings.image_tag(profile_id))
+        engine.remove(ref)  # only untags: the local tag holds the layers
+    return info
 
 
 def publish(
@@ -56,11 +66,6 @@ def publish(
         return None
     engine.tag(settings.image_tag(profile_id), ref)
     try:
-        moved = engine.push(ref)
-    except RegistryFailed as exc:
-        events.append(f"registry push of {ref} failed ({exc}); other hosts will build it")
-        log.warning("push of %s failed: %s", ref, exc)
-        return None
+        return _moved(engine.push, ref, "push", events)
     finally:
         engine.remove(ref)
-    return RegistryInfo(reference=ref, digest=moved.digest, bytes=moved.bytes)
