@@ -171,7 +171,7 @@ class _Job:
                 answer = self.build(resolved, reporter, lock, guard)
                 guard()
         finally:
-            reporter.flush()
+            reporter.close()
             lock.release()
             self.wake_waiters()
         return answer.model_dump(mode="json")

@@ -68,7 +68,7 @@ def test_top_shows_hosts_running_jobs_and_queue_depth(loaded_farm: dict[str, Any
             # until both builds have reported a step of their Dockerfile
             while [(j["stage"], bool(j["step"])) for j in view["running"]] != [
                     ("building", True)] * 2:
-                assert time.monotonic() < deadline, view
+                assert time.monotonic() < deadline, json.dumps({k: view[k] for k in ("running", "queues", "hosts")})
                 time.sleep(0.5)
                 view = _top(loaded_farm["url"])
         finally:

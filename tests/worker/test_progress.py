@@ -18,7 +18,8 @@ class _Task:
         self.updates: list[tuple[str, dict[str, Any]]] = []
         self.request = SimpleNamespace(id=job_id)
 
-    def update_state(self, state: str, meta: dict[str, Any]) -> None:
+    def update_state(self, task_id: str, state: str, meta: dict[str, Any]) -> None:
+        assert task_id == self.request.id  # by id: a timer thread has no task context
         self.updates.append((state, meta))
 
 
@@ -50,3 +51,26 @@ def test_reporter_stops_a_build_whose_lock_is_gone() -> None:
     rep = Reporter(_Task(), fakeredis.FakeRedis(), Settings(), {}, guard=lost)  # type: ignore[arg-type]
     with pytest.raises(LockLost):
         rep(JobState.BUILDING, line="x")
+
+
+def test_a_build_that_goes_quiet_still_shows_its_last_step_and_lines() -> None:
+    import time
+
+    import fakeredis
+
+    r = fakeredis.FakeRedis()
+    task = _Task("job9")
+    rep = Reporter(task, r, Settings(), {})  # type: ignore[arg-type]
+    rep(JobState.BUILDING)
+    for i in range(1, 14):  # every cached step at once, then a long silent RUN
+        rep(JobState.BUILDING, step=i, steps=13, line=f"Step {i}/13 : ...")
+    deadline = time.monotonic() + 5
+    while task.updates[-1][1].get("step") != 13:
+        assert time.monotonic() < deadline, task.updates
+        time.sleep(0.05)
+    assert r.llen(Keys.log("job9")) == 13  # and the lines reached `pfbuild logs`
+    rep.close()
+    time.sleep(0.6)
+    rep(JobState.BUILDING, step=1, steps=13, line="late")
+    time.sleep(0.6)
+    assert task.updates[-1][1].get("step") == 13  # nothing is published after close
