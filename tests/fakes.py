@@ -7,8 +7,10 @@ import hashlib
 import io
 import json
 import tarfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO
+from pathlib import Path
+from typing import IO, Any
 
 from pfbuild.client.errors import ImageLoadFailed
 from pfbuild.client.models import BuildAnswer, BuildRequest
@@ -37,6 +39,27 @@ def image_tar(tag: str, payload: bytes, labels: dict[str, str] | None = None) ->
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def dockerfile_context(dockerfile: str) -> io.BytesIO:
+    """A build context holding nothing but ``Dockerfile``, ready to read."""
+    data = dockerfile.encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    return buf
+
+
+def nonce_profile(repo: Path, *cmds: str) -> dict[str, Any]:
+    """``repo``'s profile made new (a nonce nobody has built), with ``cmds`` if given."""
+    doc = json.loads((repo / "repo_profile.json").read_text())
+    doc["env"]["PFTEST_NONCE"] = uuid.uuid4().hex
+    if cmds:
+        doc["install_cmds"] = list(cmds)
+    return doc  # type: ignore[no-any-return]
 
 
 def run_request(request: BuildRequest, settings: Settings, engine: Engine,

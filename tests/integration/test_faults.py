@@ -6,7 +6,6 @@ unless the fault itself needs a setting (said where it is set).
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pfbuild.client.jobs import BuildClient, BuildJob
 from pfbuild.client.queue import JobState, Keys
 from pfbuild.client.settings import Settings
 from pfbuild.worker.localfarm import RedisServer, Worker
+from tests.fakes import nonce_profile as _profile
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
@@ -72,14 +72,6 @@ def _start(workers: list[Worker], names: list[str], env: dict[str, str], logdir:
     for w in new:
         w.wait_ready()
     return new
-
-
-def _profile(repo: Path, *cmds: str) -> dict[str, Any]:
-    doc = json.loads((repo / "repo_profile.json").read_text())
-    doc["env"]["PFTEST_NONCE"] = uuid.uuid4().hex  # a profile nobody has built
-    if cmds:
-        doc["install_cmds"] = list(cmds)
-    return doc  # type: ignore[no-any-return]
 
 
 def _until(job: BuildJob, state: JobState, within: float = 180) -> Any:

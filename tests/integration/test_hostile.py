@@ -24,7 +24,7 @@ from pfbuild.client.errors import BadRequest, BuildFailed, ExitCode, PfbuildErro
 from pfbuild.client.models import BuildRequest, ErrorInfo
 from pfbuild.client.settings import Settings
 from pfbuild.worker.engine import BuildSpec
-from tests.fakes import FakeEngine, image_tar
+from tests.fakes import FakeEngine, dockerfile_context, image_tar
 
 PROFILE: dict[str, Any] = {"install_cmds": ["pip install ."], "env": {"A": "1"}}
 BIG = 10 * 1024 * 1024
@@ -459,13 +459,8 @@ def test_a_silent_build_is_stopped_after_the_idle_timeout(docker_engine) -> None
 
     tag = f"pftest/idle-{uuid.uuid4().hex[:10]}:latest"
     marker = uuid.uuid4().hex
-    dockerfile = f"FROM python:3.11-slim\nRUN echo {marker} && sleep 120\n".encode()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(dockerfile)
-        tar.addfile(info, io.BytesIO(dockerfile))
-    buf.seek(0)
+    dockerfile = f"FROM python:3.11-slim\nRUN echo {marker} && sleep 120\n"
+    buf = dockerfile_context(dockerfile)
     lines: list[str] = []
     started = time.monotonic()
     try:

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +21,7 @@ from pfbuild.client.errors import BadRequest, PfbuildError
 from pfbuild.client.jobs import BuildClient
 from pfbuild.client.queue import JobState, Keys
 from pfbuild.worker.localfarm import RedisServer, Worker
+from tests.fakes import nonce_profile as _profile
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
@@ -69,14 +69,6 @@ def repo(farm: dict[str, Any], tmp_path: Path) -> Path:
     dest = tmp_path / "hello"
     shutil.copytree(Path(__file__).parent.parent.parent / "examples" / "hello", dest)
     return dest
-
-
-def _profile(repo: Path, *cmds: str) -> dict[str, Any]:
-    doc = json.loads((repo / "repo_profile.json").read_text())
-    doc["env"]["PFTEST_NONCE"] = uuid.uuid4().hex  # a profile nobody has built
-    if cmds:
-        doc["install_cmds"] = list(cmds)
-    return doc  # type: ignore[no-any-return]
 
 
 def _submit_and_wait(url: str, request: dict[str, Any]) -> tuple[str, str]:

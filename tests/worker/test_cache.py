@@ -11,7 +11,7 @@ from pfbuild.client.errors import TarballRejected
 from pfbuild.worker import cache
 from pfbuild.worker.engine import BuildSpec
 from pfbuild.worker.trust import TrustStore
-from tests.fakes import FakeEngine, image_tar
+from tests.fakes import FakeEngine, dockerfile_context, image_tar
 
 TAG = "patchfoundry/p1:latest"
 
@@ -152,18 +152,11 @@ def test_a_tarball_that_loads_other_tags_removes_only_its_own(tmp_path: Path) ->
 @pytest.mark.docker
 def test_real_engine_cold_round_trip(docker_engine, tmp_path: Path, cleanup_images) -> None:  # type: ignore[no-untyped-def]
     """Save and reload an image whose top layer no other tag holds: a real load."""
-    import io
-    import tarfile
 
     tag = f"pftest/cold-{uuid.uuid4().hex[:10]}:latest"
     cleanup_images.append(tag)
     dockerfile = f"FROM python:3.11-slim\nRUN head -c 8000000 /dev/urandom > /blob && echo {tag}\n"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(dockerfile)
-        tar.addfile(info, io.BytesIO(dockerfile.encode()))
-    buf.seek(0)
+    buf = dockerfile_context(dockerfile)
     lines: list[str] = []
     out = docker_engine.build(buf, BuildSpec(tag=tag, dockerfile="Dockerfile"), lines.append)
     assert out.ok, lines[-5:]

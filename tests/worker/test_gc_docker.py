@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ from pfbuild.client.settings import Settings
 from pfbuild.worker.gc import Collector
 from pfbuild.worker.ladder import LABEL_PROFILE, LABEL_REPOSITORY
 from tests.conftest import BASE_IMAGE
+from tests.fakes import dockerfile_context
 
 pytestmark = [pytest.mark.docker]
 
@@ -44,13 +43,8 @@ def api(docker_engine, gc_settings: Settings) -> Iterator[Any]:  # type: ignore[
 
 def _build(api: Any, settings: Settings, profile_id: str, content: str = "") -> str:
     """A tiny image of ``profile_id`` labelled as the ladder labels its builds."""
-    dockerfile = f"FROM {BASE_IMAGE}\nLABEL pfgctest.content={content or profile_id}\n".encode()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(dockerfile)
-        tar.addfile(info, io.BytesIO(dockerfile))
-    buf.seek(0)
+    dockerfile = f"FROM {BASE_IMAGE}\nLABEL pfgctest.content={content or profile_id}\n"
+    buf = dockerfile_context(dockerfile)
     tag = settings.image_tag(profile_id)
     labels = {LABEL_PROFILE: profile_id, LABEL_REPOSITORY: settings.image_repository}
     for _ in api.build(fileobj=buf, custom_context=True, tag=tag, labels=labels, decode=True):

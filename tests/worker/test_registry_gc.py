@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 import time
 import uuid
 from typing import Any
@@ -17,19 +15,15 @@ from pfbuild.client.settings import Settings
 from pfbuild.worker.engine import BuildSpec
 from pfbuild.worker.registrygc import RegistryCollector
 from tests.conftest import BASE_IMAGE
+from tests.fakes import dockerfile_context
 
 pytestmark = pytest.mark.docker
 
 
 def _push(engine: Any, settings: Settings, profile_id: str) -> None:
     """A tiny image of ``profile_id`` in the registry, as the registry tier leaves it."""
-    dockerfile = f"FROM {BASE_IMAGE}\nLABEL pfgctest.profile={profile_id}\n".encode()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(dockerfile)
-        tar.addfile(info, io.BytesIO(dockerfile))
-    buf.seek(0)
+    dockerfile = f"FROM {BASE_IMAGE}\nLABEL pfgctest.profile={profile_id}\n"
+    buf = dockerfile_context(dockerfile)
     ref = settings.registry_ref(profile_id)
     assert ref is not None
     lines: list[str] = []
