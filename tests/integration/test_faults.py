@@ -361,8 +361,9 @@ def test_cancel_mid_build_in_every_pool(server: RedisServer, workers: list[Worke
     api = docker.from_env()
 
     def build_containers() -> list[Any]:
-        return [c for c in api.containers.list(all=True)
-                if marker in " ".join(c.attrs["Config"].get("Cmd") or [])]
+        # One list call (no per-container inspect): a container removed between the list
+        # and its inspect would otherwise raise NotFound here.
+        return [c for c in api.api.containers(all=True) if marker in c.get("Command", "")]
 
     outcomes: list[BaseException | None] = []
     with BuildClient(server.url) as client:
