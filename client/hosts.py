@@ -33,7 +33,15 @@ from pfbuild.client.profile import parse_profile
 from pfbuild.client.queue import QUEUE
 from pfbuild.client.settings import Settings
 
-__all__ = ["HOSTS", "HostInfo", "HostKeys", "choose_queue", "host_queue", "list_hosts"]
+__all__ = [
+    "HOSTS",
+    "HostInfo",
+    "HostKeys",
+    "Router",
+    "choose_queue",
+    "host_queue",
+    "list_hosts",
+]
 
 HOSTS = "pfbuild:hosts"
 
@@ -152,9 +160,24 @@ def choose_queue(
         pipe = client.pipeline(transaction=False)
         for host in live:
             pipe.sismember(HostKeys.images(host.host_id), profile_id)
-        holders = [h for h, held in zip(live, pipe.execute(), strict=True) if held]
+        held = pipe.execute()
     except redis.RedisError:
         return QUEUE
+    return _choose(client, settings, request, live, held)
+
+
+def _choose(
+    client: redis.Redis,
+    settings: Settings,
+    request: BuildRequest,
+    live: list[HostInfo],
+    held: list[Any],
+) -> str:
+    """The queue among ``live`` hosts, ``held[i]`` saying whether ``live[i]`` holds the
+    image."""
+    if not live:
+        return QUEUE
+    holders = [h for h, h_held in zip(live, held, strict=True) if h_held]
     if holders:
         # A hit takes milliseconds, so hits may queue at a holder; but not behind builds
         # filling its slots: then any host, as a pull from the registry beats waiting.
@@ -166,6 +189,49 @@ def choose_queue(
     chosen = _rendezvous(base, sorted(h.host_id for h in live))
     host = next(h for h in live if h.host_id == chosen)
     return QUEUE if host.busy else _claim(client, host)
+
+
+class Router:
+    """Where one client sends its requests, as :func:`choose_queue` decides, for less.
+
+    The live hosts are read at most once every ``max_age`` seconds (a heartbeat lives
+    many times longer, and a job sent to a host that just died comes back to the shared
+    queue); whether they hold a profile's image is asked in the caller's own round trip
+    (:meth:`ask`), so a hit's submit reads nothing more of Redis."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, *, max_age: float = 1.0) -> None:
+        self.client = client
+        self.settings = settings
+        self.max_age = max_age
+        self._live: tuple[float, list[HostInfo]] = (-max_age, [])
+
+    def live(self) -> list[HostInfo]:
+        """The live hosts, as read less than ``max_age`` seconds ago."""
+        read_at, hosts = self._live
+        if not self.settings.routing:
+            return []
+        if time.monotonic() - read_at >= self.max_age:
+            try:
+                hosts = [h for h in list_hosts(self.client, with_images=False) if h.alive]
+            except redis.RedisError:
+                hosts = []
+            self._live = (time.monotonic(), hosts)
+        return hosts
+
+    def ask(self, pipe: Any, profile_id: str) -> list[HostInfo]:
+        """Queue on ``pipe`` whether each live host holds ``profile_id``; those hosts, in
+        the order of the replies."""
+        hosts = self.live()
+        for host in hosts:
+            pipe.sismember(HostKeys.images(host.host_id), profile_id)
+        return hosts
+
+    def choose(self, request: BuildRequest, hosts: list[HostInfo], held: list[Any]) -> str:
+        """The queue for ``request``, given :meth:`ask`'s hosts and their replies."""
+        try:
+            return _choose(self.client, self.settings, request, hosts, held)
+        except redis.RedisError:
+            return QUEUE
 
 
 _ROUTED_WINDOW = 3  # seconds a routing decision counts against a host's free slots

@@ -34,14 +34,15 @@ from pfbuild.client.errors import (
     PfbuildError,
     QueueUnavailable,
 )
-from pfbuild.client.hosts import choose_queue
+from pfbuild.client.hosts import Router
 from pfbuild.client.models import BuildAnswer, BuildRequest, JobState
 from pfbuild.client.profile import load_profile_file, parse_profile, validate_request
 from pfbuild.client.queue import (
     TASK_NAME,
     Keys,
-    claim_flight,
+    claim_flight_command,
     end_flight,
+    flight_holder,
     job_state,
     make_celery,
     mark_sent,
@@ -133,20 +134,37 @@ class BuildJob:
             raise JobCancelled(f"job {self.id} was cancelled")
         return None
 
-    def poll(self) -> BuildAnswer | None:
+    def poll(self, wait: float = 0.0) -> BuildAnswer | None:
         """One look at the job: its answer, its error, JobLost, or None (not finished).
+
+        With ``wait``, the look first blocks (at most that many seconds) on the job's done
+        signal, which the worker pushes as it stores the result: a hit is seen the moment
+        it is stored, in the same round trip, with no subscription per job (celery#5320)
+        and no busy loop. The signal stays for other waiters.
 
         A job with neither an answer nor a record no longer exists (never sent, or wiped
         with Redis). The answer is stored before a record expires, so the answer is read
         again before the job is declared lost.
         """
         backend = self.client.app.backend
+        block = wait > 0 and self.client.blocking_reads
         try:
             # the result and the record in one round trip, as cheap as reading the result
             pipe = self.client.redis.pipeline(transaction=False)
+            if block:
+                # shorter than the socket timeout, or the socket would time out; Redis
+                # takes fractional seconds (since 6.0), redis-py's stub says int
+                seconds: Any = max(0.01, min(wait, self.client.settings.redis_socket_timeout / 2))
+                pipe.blmove(Keys.done(self.id), Keys.done(self.id), seconds, "LEFT", "RIGHT")
             pipe.get(backend.get_key_for_task(self.id))
             pipe.exists(Keys.job(self.id))
-            raw, exists = pipe.execute()
+            *_, raw, exists = pipe.execute()
+        except redis.ResponseError:
+            if not block:
+                raise QueueUnavailable(f"cannot read job {self.id}: Redis refused") from None
+            self.client.blocking_reads = False  # a server without BLMOVE: plain polling
+            time.sleep(min(wait, 0.05))
+            return self.poll()
         except redis.RedisError as exc:
             raise QueueUnavailable(f"cannot read job {self.id}: {exc}") from None
         meta = backend.decode_result(raw) if raw else {"status": "PENDING", "result": None}
@@ -171,24 +189,20 @@ class BuildJob:
         ``timeout`` defaults to ``Settings.wait_timeout``. A job that no longer exists
         raises JobLost within a poll; a Redis that cannot be reached raises
         QueueUnavailable once ``redis_outage_tolerance`` (or the timeout) has passed.
-        Between two reads it blocks (at most ``poll`` seconds) on the job's done signal,
-        which the worker pushes once the result is stored: a hit is seen the moment it is
-        stored, with no subscription per job (celery#5320) and no busy loop.
+        Each look blocks at most ``poll`` seconds on the job's done signal (:meth:`poll`).
         """
         limit, deadline = self._deadline(timeout)
         outage: float | None = None
         while True:
             try:
-                answer = self.poll()
+                answer = self.poll(wait=min(poll, deadline - time.monotonic()))
                 if answer is not None:
                     return answer
                 outage = None
-                left = min(poll, deadline - time.monotonic())
-                if left <= 0:
+                if time.monotonic() >= deadline:
                     raise JobTimeout(
                         f"job {self.id} not finished after {limit}s ({self.status().stage})"
                     )
-                self._await_done(left)
             except QueueUnavailable:
                 now = time.monotonic()
                 outage = now if outage is None else outage
@@ -196,21 +210,6 @@ class BuildJob:
                 if now >= deadline or now - outage >= tolerance:
                     raise
                 time.sleep(min(poll, max(0.0, deadline - now)))
-
-    def _await_done(self, seconds: float) -> None:
-        """Block until the job's done signal, or ``seconds``; the signal stays for others."""
-        key = Keys.done(self.id)
-        # a blocking read shorter than the socket timeout, or the socket would time out
-        seconds = min(seconds, self.client.settings.redis_socket_timeout / 2)
-        try:
-            # moving the one element from the list to itself wakes every waiter in turn
-            # Redis takes fractional seconds here (since 6.0); redis-py's stub says int
-            timeout: Any = max(seconds, 0.01)
-            self.client.redis.blmove(key, key, timeout, "LEFT", "RIGHT")
-        except redis.ResponseError:  # a server without BLMOVE: plain polling
-            time.sleep(min(seconds, 0.05))
-        except redis.RedisError as exc:
-            raise QueueUnavailable(f"cannot read job {self.id}: {exc}") from None
 
     wait = result
 
@@ -283,6 +282,8 @@ class BuildClient:
         self.redis = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
+        self.router = Router(self.redis, self.settings)
+        self.blocking_reads = True  # False once Redis turns out to have no BLMOVE
 
     def close(self) -> None:
         self.redis.close()
@@ -318,9 +319,15 @@ class BuildClient:
         try:
             for _ in range(10):
                 job_id = str(uuid.uuid4())
-                other_id = claim_flight(self.redis, key, job_id, self.settings)
+                # the claim, and where the job would go, in one round trip
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.eval(*claim_flight_command(key, job_id, self.settings))
+                hosts = self.router.ask(pipe, profile_id)
+                claim, *held = pipe.execute()
+                other_id = flight_holder(claim)
                 if other_id is None:
-                    self._send(req, profile_id, job_id, key)
+                    queue = self.router.choose(req, hosts, held)
+                    self._send(req, profile_id, job_id, key, queue)
                     return BuildJob(self, job_id, profile_id, flight_key=key)
                 other = BuildJob(self, other_id, profile_id, joined=True, flight_key=key)
                 if not self.redis.exists(Keys.job(other_id)) or other.status().ready:
@@ -334,7 +341,9 @@ class BuildClient:
             raise QueueUnavailable(f"cannot reach Redis at {self.url}: {exc}") from None
         raise QueueUnavailable(f"could not start or join a flight for {profile_id}")
 
-    def _send(self, req: BuildRequest, profile_id: str, job_id: str, key: str) -> None:
+    def _send(
+        self, req: BuildRequest, profile_id: str, job_id: str, key: str, queue: str
+    ) -> None:
         try:
             self.app.send_task(
                 TASK_NAME,
@@ -350,7 +359,7 @@ class BuildClient:
                 argsrepr="()",
                 kwargsrepr=f"{{profile_id: {profile_id}, repo_dir: {req.repo_dir}}}",
                 # to a live host that holds the image, if any (client/hosts.py)
-                queue=choose_queue(self.redis, self.settings, req, profile_id),
+                queue=queue,
             )
         except BaseException as exc:
             # nobody may join a job never sent (Ctrl-C included); if this process dies

@@ -6,6 +6,7 @@ backend, JSON). The worker's own settings (acks, prefetch, time limits) live in
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import redis
 from celery import Celery
@@ -17,12 +18,15 @@ from pfbuild.client.settings import Settings
 __all__ = [
     "PING_TASK",
     "QUEUE",
+    "SIGNAL_DONE_LUA",
     "TASK_NAME",
     "JobState",
     "Keys",
     "PollingRedisBackend",
     "claim_flight",
+    "claim_flight_command",
     "end_flight",
+    "flight_holder",
     "job_state",
     "make_celery",
     "mark_sent",
@@ -167,7 +171,13 @@ def claim_flight(
     The record lives ``send_grace`` seconds: a submitter killed before its send leaves a
     flight whose job record soon expires, and the next submit starts afresh.
     """
-    current = client.eval(
+    return flight_holder(client.eval(*claim_flight_command(flight_key, job_id, settings)))
+
+
+def claim_flight_command(flight_key: str, job_id: str, settings: Settings) -> tuple[Any, ...]:
+    """:func:`claim_flight` as arguments of ``eval``, to send in a pipeline of one's own;
+    :func:`flight_holder` reads its reply."""
+    return (
         _CLAIM_FLIGHT,
         2,
         flight_key,
@@ -176,9 +186,13 @@ def claim_flight(
         settings.flight_ttl,
         int(settings.send_grace * 1000),
     )
-    if current is None:
+
+
+def flight_holder(reply: Any) -> str | None:
+    """The job that already held the flight, from a claim's reply; None if it is ours."""
+    if reply is None:
         return None
-    return current.decode() if isinstance(current, bytes) else str(current)
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
 
 
 def mark_sent(client: redis.Redis, job_id: str, settings: Settings) -> None:
@@ -194,14 +208,17 @@ def end_flight(client: redis.Redis, flight_key: str, job_id: str) -> bool:
     return bool(client.eval(_DELETE_IF_VALUE, 1, flight_key, job_id))
 
 
-_SIGNAL_DONE = """
+# Wake a job's waiters, end its flight if it still names the job, keep its record as long
+# as its answer. KEYS: flight ('' for none), done list, job record; ARGV: job id, TTL.
+# The worker's result store runs the same lines after the result (worker/results.py).
+SIGNAL_DONE_LUA = """
 if KEYS[1] ~= '' and redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
 redis.call('rpush', KEYS[2], 1)
 redis.call('ltrim', KEYS[2], 0, 0)
 redis.call('expire', KEYS[2], ARGV[2])
 redis.call('expire', KEYS[3], ARGV[2])
-return 1
 """
+_SIGNAL_DONE = SIGNAL_DONE_LUA + "return 1\n"
 
 
 def signal_done(client: redis.Redis, job_id: str, ttl: int, flight_key: str | None = None) -> None:
@@ -231,12 +248,14 @@ def make_celery(
     *,
     name: str = "pfbuild",
     socket_timeout: float | None = None,
+    backend: str = f"{__name__}.PollingRedisBackend",
 ) -> Celery:
     """The part of the Celery app both sides share: Redis broker and backend, JSON only.
 
+    ``backend`` is the result backend's class (the worker's stores results its own way).
     ``socket_timeout`` bounds each result-backend call (a client's reads), so a Redis that
     accepts but never answers is an error in seconds, not a hang."""
-    app = Celery(name, broker=redis_url, backend=f"{__name__}.PollingRedisBackend+{redis_url}")
+    app = Celery(name, broker=redis_url, backend=f"{backend}+{redis_url}")
     app.conf.update(
         # JSON only: a worker never unpickles what a client sent, and vice versa.
         task_serializer="json",

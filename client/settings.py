@@ -182,6 +182,12 @@ class Settings(BaseSettings):
         description="Names this worker's Docker host in answers and in the host registry.",
     )
     docker_timeout: int = Field(default=600, description="Seconds for one engine API call.")
+    image_watch_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long a worker keeps what an image inspect found while the engine's "
+        "image events report no change (a cache hit then skips the engine). 0: ask each time.",
+    )
 
     # --- operating the farm (metrics, logs, garbage collection) --------------------------
     metrics_port: int = Field(

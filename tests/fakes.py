@@ -1,5 +1,5 @@
 """A fake Docker engine behind the Engine protocol, for unit tests and fault injection;
-and ``run_request``, the pipeline from an unresolved request."""
+``run_request``, the pipeline from an unresolved request; ``eager_worker``, the task."""
 
 from __future__ import annotations
 
@@ -67,6 +67,20 @@ def run_request(request: BuildRequest, settings: Settings, engine: Engine,
     """Resolve ``request`` and run the pipeline on it, as ``pfbuild build`` does."""
     request = validate_request(request, settings)  # as every door does on entry
     return run_build(resolve_request(request, settings), settings, engine, **kw)  # type: ignore[arg-type]
+
+
+def eager_worker(settings: Settings, url: str, engine: Engine) -> tuple[Any, Any]:
+    """A worker's Celery app and its build task, with ``engine``, to ``apply()`` jobs in
+    this process: a worker's result store and settings (results stored as a worker
+    stores them, waking waiters and ending flights), without its signals or threads."""
+    from pfbuild.client.queue import make_celery
+    from pfbuild.worker.celery_app import RESULT_STORE, configure_worker
+    from pfbuild.worker.tasks import register
+
+    app = make_celery(settings, url, backend=RESULT_STORE)
+    configure_worker(app, settings)
+    app.conf.task_store_eager_result = True
+    return app, register(app, settings, engine_factory=lambda: engine)
 
 
 class FakeRegistry:

@@ -17,9 +17,12 @@ from pfbuild.client.settings import Settings
 from pfbuild.worker.hosts import install as install_host
 from pfbuild.worker.lockwait import start_sweeper
 from pfbuild.worker.ops import install as install_ops
+from pfbuild.worker.results import ResultStore
 from pfbuild.worker.tasks import register
 
 __all__ = ["configure_worker", "create_app"]
+
+RESULT_STORE = f"{ResultStore.__module__}.{ResultStore.__name__}"
 
 
 def configure_worker(app: Celery, settings: Settings) -> None:
@@ -88,7 +91,7 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
             "no Redis configured for the worker: set PFBUILD_REDIS_URL "
             "(`pfbuild submit --wait` runs an embedded broker and worker instead)"
         )
-    app = make_celery(settings, url, name="pfbuild.worker")
+    app = make_celery(settings, url, name="pfbuild.worker", backend=RESULT_STORE)
     configure_worker(app, settings)
     register(app, settings)
     sweep_parked_jobs(app, settings)

@@ -8,12 +8,13 @@ one onto the engine's API, and stream); tests put a fake behind the same
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol
+from typing import IO, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import docker
 import docker.errors
@@ -29,6 +30,7 @@ from pfbuild.client.errors import (
     RegistryFailed,
 )
 from pfbuild.client.settings import Settings
+from pfbuild.worker.imagewatch import ImageWatch
 
 __all__ = [
     "Abort",
@@ -188,6 +190,9 @@ class Engine(Protocol):
         """Every ``repo:tag`` this engine holds under ``{repository}/``."""
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 _UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
 
 
@@ -247,8 +252,26 @@ def _raw_socket(response: Any) -> socket.socket | None:
     return sock if isinstance(sock, socket.socket) else None
 
 
+def _changes(
+    method: Callable[Concatenate[DockerEngine, P], R],
+) -> Callable[Concatenate[DockerEngine, P], R]:
+    """A method that changes what a tag names: what inspects kept is forgotten when it
+    ends, at once rather than when the engine's own event arrives."""
+
+    def changing(self: DockerEngine, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if self.watch is not None:
+                self.watch.forget()
+
+    return functools.update_wrapper(changing, method)  # type: ignore[return-value]
+
+
 class DockerEngine:
     """A real engine at ``base_url`` (``DOCKER_HOST`` syntax)."""
+
+    watch: ImageWatch[ImageInfo] | None = None  # see follow_images
 
     def __init__(self, base_url: str, *, timeout: int = 600) -> None:
         self.host = base_url
@@ -271,7 +294,30 @@ class DockerEngine:
         except (docker.errors.DockerException, *_UNREACHABLE):
             return False
 
+    def follow_images(self, max_age: float = 30.0) -> None:
+        """Keep what inspects find while the engine's image events say nothing changed
+        (:mod:`pfbuild.worker.imagewatch`): a worker's cache hits then skip the engine."""
+
+        def open_events() -> Iterable[Any]:
+            # a client of its own: the stream holds its connection for as long as it runs
+            api = docker.APIClient(base_url=self.host, version=self.api.api_version)
+            api.trust_env = False
+            return api.events(decode=True, filters={"type": "image"})  # type: ignore[no-any-return]
+
+        self.watch = ImageWatch[ImageInfo](open_events, max_age=max_age)
+
     def inspect(self, tag: str) -> ImageInfo | None:
+        if self.watch is None:
+            return self._inspect(tag)
+        kept = self.watch.get(tag)
+        if kept is not None:
+            return kept
+        generation = self.watch.generation()
+        found = self._inspect(tag)
+        self.watch.keep(tag, found, generation)
+        return found
+
+    def _inspect(self, tag: str) -> ImageInfo | None:
         try:
             info: dict[str, Any] = self.api.inspect_image(tag)
         except docker.errors.ImageNotFound:
@@ -283,6 +329,7 @@ class DockerEngine:
         labels = (info.get("Config") or {}).get("Labels") or {}
         return ImageInfo(id=str(info["Id"]), labels={str(k): str(v) for k, v in labels.items()})
 
+    @_changes
     def build(
         self, context: IO[bytes], spec: BuildSpec, on_line: Callable[[str], None]
     ) -> BuildOutcome:
@@ -321,7 +368,7 @@ class DockerEngine:
         _raise_if_aborted(spec.abort)
         if error is not None:
             return BuildOutcome(image=None, error=error)
-        built = self.inspect(spec.tag)
+        built = self._inspect(spec.tag)
         if built is None:
             return BuildOutcome(None, "the engine reported success but the image tag is missing")
         return BuildOutcome(image=built, error=None)
@@ -366,6 +413,7 @@ class DockerEngine:
                 f"Docker engine at {self.host} failed during save: {exc}"
             ) from None
 
+    @_changes
     def load(self, data: Iterable[bytes] | IO[bytes]) -> list[str]:
         loaded: list[str] = []
         try:
@@ -382,10 +430,12 @@ class DockerEngine:
             ) from None
         return loaded
 
+    @_changes
     def remove(self, tag: str) -> None:
         with contextlib.suppress(docker.errors.ImageNotFound):
             self.api.remove_image(tag, force=True)
 
+    @_changes
     def tag(self, source: str, target: str) -> None:
         repo, _, tag = target.rpartition(":")
         try:
@@ -413,6 +463,7 @@ class DockerEngine:
             raise RegistryFailed(f"the engine pushed {ref} but reported no digest")
         return Transfer(digest, moved.bytes)
 
+    @_changes
     def pull(self, ref: str) -> Transfer | None:
         repo, _, tag = ref.rpartition(":")
         digest: str | None = None

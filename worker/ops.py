@@ -91,11 +91,11 @@ class _Hooks:
             self._state = (os.getpid(), FarmState(client, self.settings))
         return self._state[1]
 
-    def prerun(self, sender: Any = None, task_id: str = "", kwargs: Any = None, **_: Any) -> None:
+    def prerun(self, sender: Any = None, **_: Any) -> None:
+        # the job's record in Redis is written by the task once it is past the hit path
+        # (a hit is answered before a record would be read), and removed here at its end
         if self.ours(sender):
             m.metrics().running.inc()
-            worker = f"{sender.request.hostname or self.settings.host_id}:{os.getpid()}"
-            self.state.started(task_id, _profile(kwargs), worker)
 
     def postrun(
         self,

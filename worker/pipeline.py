@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import requests
 
@@ -312,6 +313,39 @@ def _manifest(run: BuildRun, image: Image, dockerfile_text: str) -> Manifest:
     )
 
 
+# What a manifest says about the image and how it was reached. A hit whose manifest on
+# disk already says all this leaves the file as it is (its timings and created_at are the
+# first such hit's; the answer carries this request's): a rename over a file costs more
+# than the rest of a hit's work on the worker.
+_IMAGE_FACTS = (
+    "image_tag",
+    "image_id",
+    "context_sha256",
+    "build_variant",
+    "dockerfile_sha256",
+    "cache_source",
+    "tarball",
+    "registry",
+    "docker_host",
+    "pfbuild_version",
+)
+
+
+def _records_this_image(path: Path, document: dict[str, object]) -> bool:
+    """Whether the manifest at ``path`` already records ``document``'s image facts."""
+    try:
+        with path.open("rb") as fh:
+            written = json.loads(fh.read(_MANIFEST_MAX_BYTES))
+    except (OSError, ValueError):
+        return False
+    return isinstance(written, dict) and all(
+        written.get(k) == document.get(k) for k in _IMAGE_FACTS
+    )
+
+
+_MANIFEST_MAX_BYTES = 4 * 1024 * 1024
+
+
 def _answer(run: BuildRun, image: Image, started: float) -> BuildAnswer:
     """Write the manifest (and a note as the log of a reuse); the answer."""
     if image.source != "built" and not run.log_path.exists():
@@ -325,9 +359,11 @@ def _answer(run: BuildRun, image: Image, started: float) -> BuildAnswer:
     manifest = _manifest(run, image, text)
     manifest_path = run.resolved.artifacts / layout.MANIFEST
     run.guard()
-    body = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
-    # a reuse rewrites what it finds again next time; a build's manifest must last
-    atomic_write_text(manifest_path, body, durable=image.source == "built")
+    document = manifest.model_dump(mode="json")
+    if image.source == "built" or not _records_this_image(manifest_path, document):
+        # a reuse rewrites what it finds again next time; a build's manifest must last
+        body = json.dumps(document, indent=2) + "\n"
+        atomic_write_text(manifest_path, body, durable=image.source == "built")
     return BuildAnswer(
         image_tag=run.tag,
         profile_id=run.resolved.profile_id,

@@ -37,9 +37,10 @@ from pfbuild.client.errors import (
 )
 from pfbuild.client.models import BuildAnswer, JobState, Timings
 from pfbuild.client.profile import validate_request
-from pfbuild.client.queue import PING_TASK, TASK_NAME, Keys, end_flight, signal_done
+from pfbuild.client.queue import PING_TASK, TASK_NAME, Keys, signal_done
 from pfbuild.client.settings import Settings
-from pfbuild.worker.engine import Abort, Engine, engine_from_settings
+from pfbuild.worker.engine import Abort, DockerEngine, Engine, engine_from_settings
+from pfbuild.worker.farmstate import FarmState
 from pfbuild.worker.liveness import Heartbeat
 from pfbuild.worker.lock import ProfileLock
 from pfbuild.worker.lockwait import WaitList
@@ -68,7 +69,10 @@ class _Process:
 
     @cached_property
     def engine(self) -> Engine:
-        return self._engine_factory()
+        engine = self._engine_factory()
+        if isinstance(engine, DockerEngine) and self.settings.image_watch_seconds > 0:
+            engine.follow_images(self.settings.image_watch_seconds)
+        return engine
 
 
 class _Job:
@@ -91,9 +95,10 @@ class _Job:
         }
 
     def run(self) -> dict[str, Any]:
-        if self.proc.redis.exists(Keys.cancel(self.id)):
+        cancelled, answered = self.look_up()
+        if cancelled:
             raise Ignore()  # cancelled while queued, and this worker missed the revoke
-        if self.answered():
+        if answered:
             self.answered_already()
         resolved = self.resolve()
         hit = reuse_local(
@@ -101,10 +106,11 @@ class _Job:
         )
         if hit is not None:
             # no lock and no heartbeat needed to read the engine (a copy of a hit is just
-            # another hit); the flight ends before the answer is stored, so the next submit
-            # starts a job of its own (a hit) at once instead of finding this one finished
-            self.end_flight()
+            # another hit); storing the answer wakes the waiters and ends the flight in
+            # the same step (worker/results.py)
             return hit.model_dump(mode="json")
+        # a job in a slot for longer than a hit: what `pfbuild top` and routing count
+        FarmState(self.proc.redis, self.settings).started(self.id, self.profile_id, self.worker)
         self.beat = Heartbeat(
             self.proc.redis,
             self.proc.app,
@@ -119,6 +125,16 @@ class _Job:
         if self.abort.triggered.is_set() or self.proc.redis.exists(Keys.cancel(self.id)):
             raise JobCancelled(f"job {self.id} was cancelled")  # its answer never lands
         return answer
+
+    def look_up(self) -> tuple[bool, bool]:
+        """Whether the job was cancelled, and whether its answer is stored: one round trip."""
+        backend = self.task.backend
+        pipe = self.proc.redis.pipeline(transaction=False)
+        pipe.exists(Keys.cancel(self.id))
+        pipe.get(backend.get_key_for_task(self.id))
+        cancelled, stored = pipe.execute()
+        status = backend.decode_result(stored).get("status") if stored else None
+        return bool(cancelled), str(status) in READY_STATES
 
     def answered(self) -> bool:
         meta = self.task.backend.get_task_meta(self.id)
@@ -191,11 +207,6 @@ class _Job:
             signal_done(self.proc.redis, self.id, self.settings.result_expires, flight_key)
         except (redis.RedisError, OperationalError) as exc:
             log.warning("job %s: could not store its cancellation: %s", self.id, exc)
-
-    def end_flight(self) -> None:
-        flight = self.kwargs.get("flight")
-        if isinstance(flight, str):
-            end_flight(self.proc.redis, flight, self.id)
 
     def resolve(self) -> ResolvedRequest:
         """Validate and resolve the request once; the pipeline takes it from here."""
@@ -322,19 +333,11 @@ def register(
     class BuildTask(Task):  # type: ignore[misc]
         # Celery logs each result's repr at INFO; the answer is kilobytes, and our own
         # structured stage line says how the job ended
+        # Storing a final result also wakes the job's waiters and ends its flight, so
+        # that the next submit of the profile starts afresh or finds the cache; a job
+        # parked for its lock or handed back lives on, and so does its flight
+        # (worker/results.py).
         resultrepr_maxsize = 120
-
-        def after_return(
-            self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
-        ) -> None:
-            # The result is stored by now: end the flight, so that the next submit of this
-            # profile starts afresh (after a failure) or finds the cache.
-            # A job waiting for its lock (RETRY) or handed back (REJECTED) lives on, and so
-            # does its flight; an ended one wakes its waiters and ends its flight.
-            if status in READY_STATES:
-                flight = (kwargs or {}).get("flight")
-                flight_key = flight if isinstance(flight, str) else None
-                signal_done(proc.redis, task_id, settings.result_expires, flight_key)
 
     @app.task(name=PING_TASK, shared=False)  # type: ignore[untyped-decorator]
     def ping() -> str:

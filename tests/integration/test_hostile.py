@@ -219,15 +219,11 @@ def _worker_only_cases(repo: Path, tmp_path: Path) -> list[dict[str, Any]]:
 
 def test_the_worker_task_refuses_the_same(url: str, repo: Path, tmp_path: Path) -> None:
     from pfbuild.client.profile import parse_profile
-    from pfbuild.client.queue import make_celery
-    from pfbuild.worker.celery_app import configure_worker
-    from pfbuild.worker.tasks import register
+    from tests.fakes import eager_worker
 
     settings = Settings(redis_url=url, tmp_dir=tmp_path / "t", host_id="h")
     engine = FakeEngine()
-    app = make_celery(settings, url)
-    configure_worker(app, settings)
-    task = register(app, settings, engine_factory=lambda: engine)
+    _, task = eager_worker(settings, url, engine)
     pid = parse_profile(PROFILE).profile_id
     cases = _dict_cases(repo, tmp_path) + _worker_only_cases(repo, tmp_path)
     for i, request in enumerate(cases):

@@ -138,10 +138,7 @@ def test_a_host_killed_while_holding_routed_jobs_loses_none(
 ) -> None:
     """Three jobs routed to host B (one running, one prefetched, one waiting in its
     queue); B's worker is killed; host A runs all three."""
-    monkeypatch.setattr(routing, "choose_queue", lambda *a, **k: host_queue("host-b"))
-    import pfbuild.client.jobs as jobs_module
-
-    monkeypatch.setattr(jobs_module, "choose_queue", lambda *a, **k: host_queue("host-b"))
+    monkeypatch.setattr(routing.Router, "choose", lambda *a, **k: host_queue("host-b"))
     with BuildClient(farm["url"]) as client:
         jobs = [client.submit(_request(farm, f"sleep {20 + i}")) for i in range(3)]
         deadline = time.monotonic() + 300

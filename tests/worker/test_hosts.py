@@ -76,6 +76,24 @@ def test_routing_prefers_a_live_holder_then_the_rendezvous_host(r: Any) -> None:
         "pfbuild"
 
 
+def test_a_clients_router_reads_the_hosts_once_a_second_and_routes_alike(r: Any) -> None:
+    """A submit reads which hosts hold the image in its own round trip; the live hosts it
+    reads at most once per max_age, and it routes as choose_queue does."""
+    from pfbuild.client.hosts import Router
+
+    router = Router(r, Settings(), max_age=60)
+    assert router.live() == []  # read now: no host yet
+    _agent(r, "b", "patchfoundry/p1:latest").beat()
+    assert router.live() == []  # not read again within max_age
+    router.max_age = 0
+    pipe = r.pipeline(transaction=False)
+    hosts = router.ask(pipe, "p1")
+    assert [h.host_id for h in hosts] == ["b"]
+    assert router.choose(_req(), hosts, pipe.execute()) == host_queue("b") == \
+        choose_queue(r, Settings(), _req(), "p1")
+    assert Router(r, Settings(routing=False)).ask(r.pipeline(), "p1") == []
+
+
 def _message(job: str, queue: str) -> dict[str, Any]:
     return {"body": "e30=", "headers": {"id": job},
             "properties": {"delivery_info": {"exchange": queue, "routing_key": queue},

@@ -13,12 +13,10 @@ from typing import Any
 import redis
 
 from pfbuild.client.profile import parse_profile
-from pfbuild.client.queue import Keys, make_celery
+from pfbuild.client.queue import Keys
 from pfbuild.client.settings import Settings
-from pfbuild.worker.celery_app import configure_worker
 from pfbuild.worker.liveness import Heartbeat, Unacked, job_deliveries
-from pfbuild.worker.tasks import register
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, eager_worker
 
 PROFILE = {"install_cmds": ["pip install ."], "env": {"B": "2"}}
 
@@ -26,9 +24,7 @@ PROFILE = {"install_cmds": ["pip install ."], "env": {"B": "2"}}
 def _setup(url: str, tmp_path: Path, engine: FakeEngine) -> tuple[Any, Any, dict[str, Any]]:
     settings = Settings(redis_url=url, tmp_dir=tmp_path / "t", host_id="h",
                         job_heartbeat_seconds=0.2)
-    app = make_celery(settings, url)
-    configure_worker(app, settings)
-    task = register(app, settings, engine_factory=lambda: engine)
+    app, task = eager_worker(settings, url, engine)
     repo = tmp_path / "repo"
     repo.mkdir(exist_ok=True)
     kwargs = {"request": {"repo_dir": str(repo), "profile": PROFILE, "force_rebuild": False},

@@ -10,13 +10,11 @@ from typing import Any
 import redis
 
 from pfbuild.client.profile import parse_profile
-from pfbuild.client.queue import QUEUE, Keys, make_celery
+from pfbuild.client.queue import QUEUE, Keys
 from pfbuild.client.settings import Settings
-from pfbuild.worker.celery_app import configure_worker
 from pfbuild.worker.lock import ProfileLock
 from pfbuild.worker.lockwait import WaitList, sweep
-from pfbuild.worker.tasks import register
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, eager_worker
 
 PROFILE = {"install_cmds": ["pip install ."], "env": {"C": "3"}}
 
@@ -24,9 +22,7 @@ PROFILE = {"install_cmds": ["pip install ."], "env": {"C": "3"}}
 def _setup(url: str, tmp_path: Path, engine: FakeEngine,
            **kw: Any) -> tuple[Any, Any, dict[str, Any], Settings]:
     settings = Settings(redis_url=url, tmp_dir=tmp_path / "t", host_id="h", **kw)
-    app = make_celery(settings, url)
-    configure_worker(app, settings)
-    task = register(app, settings, engine_factory=lambda: engine)
+    app, task = eager_worker(settings, url, engine)
     repo = tmp_path / "repo"
     repo.mkdir(exist_ok=True)
     kwargs = {"request": {"repo_dir": str(repo), "profile": PROFILE, "force_rebuild": False},

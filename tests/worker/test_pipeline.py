@@ -208,3 +208,30 @@ def test_stale_temporary_files_are_swept(repo: Path, settings: Settings) -> None
     run_request(_req(repo), settings, engine)
     assert not any(p.exists() for p in leftovers)
     assert live.exists()
+
+
+def test_a_hit_rewrites_the_manifest_only_when_the_image_changed(
+        repo: Path, settings: Settings) -> None:
+    """The manifest on disk records the image and how it was reached: hits that change
+    nothing of it leave the file alone (the answer carries each request's own timings)."""
+    from pfbuild.worker.pipeline import reuse_local
+    from pfbuild.worker.resolve import resolve_request
+
+    engine = FakeEngine()
+    built = run_request(_req(repo), settings, engine)
+    resolved = resolve_request(_req(repo), settings)
+    path = Path(built.manifest_path)
+    first_hit = reuse_local(resolved, settings, engine)
+    assert first_hit is not None and first_hit.cache_source == "local"
+    on_disk = path.stat()
+    assert json.loads(path.read_text())["cache_source"] == "local"  # the source changed
+    second_hit = reuse_local(resolved, settings, engine, worker="another")
+    assert second_hit is not None and second_hit.manifest.worker == "another"
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (on_disk.st_ino, on_disk.st_mtime_ns)
+    (repo / "setup.py").write_text("# new code\n")
+    rebuilt = run_request(_req(repo), settings, engine)
+    assert rebuilt.cache_source == "built"
+    third_hit = reuse_local(resolve_request(_req(repo), settings), settings, engine)
+    assert third_hit is not None
+    written = json.loads(path.read_text())
+    assert (written["image_id"], written["cache_source"]) == (rebuilt.image_id, "local")

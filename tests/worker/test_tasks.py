@@ -7,21 +7,17 @@ from typing import Any
 
 import redis
 
-from pfbuild.client.queue import Keys, make_celery
+from pfbuild.client.queue import Keys
 from pfbuild.client.settings import Settings
-from pfbuild.worker.celery_app import configure_worker
 from pfbuild.worker.lock import ProfileLock
-from pfbuild.worker.tasks import register
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, eager_worker
 
 PROFILE = {"install_cmds": ["pip install ."], "env": {}}
 
 
 def _setup(url: str, tmp_path: Path, engine: FakeEngine) -> tuple[Any, dict[str, Any], Path]:
     settings = Settings(redis_url=url, tmp_dir=tmp_path / "t", host_id="h", max_deliveries=2)
-    app = make_celery(settings, url)
-    configure_worker(app, settings)
-    task = register(app, settings, engine_factory=lambda: engine)
+    _, task = eager_worker(settings, url, engine)
     repo = tmp_path / "repo"
     repo.mkdir()
     from pfbuild.client.profile import parse_profile
