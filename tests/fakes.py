@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from pfbuild.client.errors import ImageLoadFailed
+from pfbuild.client.errors import EngineUnavailable, ImageLoadFailed
 from pfbuild.client.models import BuildAnswer, BuildRequest
 from pfbuild.client.profile import validate_request
 from pfbuild.client.settings import Settings
@@ -91,11 +91,14 @@ class FakeEngine:
         self.build_log: Callable[[str], list[str]] = lambda dockerfile: ["Step 1/1 : FROM x"]
         self.build_ok: Callable[[str], bool] = lambda dockerfile: True
         self.refuse_loads = False
+        self.down = False  # an engine that does not answer
 
-    def ping(self) -> bool:
-        return True
+    def ping(self, timeout: float | None = None) -> bool:
+        return not self.down
 
     def inspect(self, tag: str) -> ImageInfo | None:
+        if self.down:
+            raise EngineUnavailable(f"Docker engine at {self.host} stopped answering")
         return self.images.get(tag)
 
     def build(self, context: IO[bytes], spec: BuildSpec,
@@ -177,4 +180,6 @@ class FakeEngine:
         return Transfer(digest, len(self.blobs[ref]))
 
     def tags(self, repository: str) -> list[str]:
+        if self.down:
+            raise EngineUnavailable(f"Docker engine at {self.host} stopped answering")
         return sorted(t for t in self.images if t.startswith(repository + "/"))

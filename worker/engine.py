@@ -150,8 +150,8 @@ class Engine(Protocol):
 
     host: str
 
-    def ping(self) -> bool:
-        """Whether the engine answers."""
+    def ping(self, timeout: float | None = None) -> bool:
+        """Whether the engine answers (within ``timeout`` seconds, if given)."""
 
     def inspect(self, tag: str) -> ImageInfo | None:
         """The image behind ``tag``, or None when this engine does not hold it."""
@@ -265,9 +265,9 @@ class DockerEngine:
                 "Start dockerd or point DOCKER_HOST at a running engine."
             ) from None
 
-    def ping(self) -> bool:
+    def ping(self, timeout: float | None = None) -> bool:
         try:
-            return bool(self.api.ping())
+            return bool(self.api.ping(**({"timeout": timeout} if timeout else {})))
         except (docker.errors.DockerException, *_UNREACHABLE):
             return False
 

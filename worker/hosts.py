@@ -4,9 +4,11 @@
 
 - a queue of the host's own, ``pfbuild.host.{host_id}``, consumed next to the shared one;
 - a heartbeat thread in the worker's main process: every ``heartbeat_seconds`` it renews
-  the host's heartbeat (expiring after ``host_ttl``), re-reads which profiles' images the
-  engine holds (so an image removed by hand is forgotten within one beat), and moves the
-  jobs of any dead host's queue back to the shared queue;
+  the host's heartbeat (expiring after ``host_ttl``), pings the engine (``engine_ok``, and
+  ``engine_seen`` when it last answered: a host whose engine is down is routed nothing),
+  re-reads which profiles' images the engine holds (so an image removed by hand is
+  forgotten within one beat), and moves the jobs of any dead host's queue back to the
+  shared queue;
 - signal handlers that keep the host's running jobs, and record the image a job left in
   the engine (built, loaded or pulled) at once rather than at the next beat.
 
@@ -31,6 +33,7 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 from kombu.entity import Queue
 
+from pfbuild.client.errors import EngineUnavailable
 from pfbuild.client.hosts import HOSTS, HostKeys, host_queue, list_hosts
 from pfbuild.client.queue import QUEUE
 from pfbuild.client.settings import Settings
@@ -43,6 +46,10 @@ log = logging.getLogger(__name__)
 # kombu's Redis transport keeps delivered, unacked messages here (its defaults)
 _UNACKED = "unacked"
 _UNACKED_INDEX = "unacked_index"
+
+# seconds a beat's ping waits for the engine: an engine that takes longer is down for
+# routing (its jobs would wait as long), and the beat must not outlast the host's TTL
+_PING_TIMEOUT = 3.0
 
 
 def _retarget(raw: bytes | str) -> str:
@@ -133,6 +140,8 @@ class HostAgent:
             "pid": os.getpid(),
             "started_at": time.time(),
         }
+        self.engine_ok: bool | None = None
+        self.engine_seen: float | None = None
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pfbuild-heartbeat", daemon=True)
 
@@ -163,18 +172,30 @@ class HostAgent:
             if tag.endswith(":latest")
         }
 
+    def read_engine(self) -> tuple[bool, set[str]]:
+        """Whether the engine answers, and the profiles whose images it holds."""
+        try:
+            if self.engine().ping(timeout=_PING_TIMEOUT):
+                return True, self.held_profiles()
+        except EngineUnavailable:  # not even a connection (it is made again next beat)
+            pass
+        return False, set()
+
     def beat(self) -> None:
-        held = self.held_profiles() if self.engine().ping() else set()
+        ok, held = self.read_engine()
         key = HostKeys.images(self.host_id)
         now = time.time()
+        if ok != self.engine_ok:
+            level = logging.INFO if ok else logging.WARNING
+            log.log(level, "host %s: engine at %s %s", self.host_id, self.info["docker_host"],
+                    "answers" if ok else "does not answer: no job is routed here until it does")
+        self.engine_ok = ok
+        self.engine_seen = now if ok else self.engine_seen
+        beat = {**self.info, "last_seen": now, "engine_ok": ok, "engine_seen": self.engine_seen}
         pipe = self.client.pipeline(transaction=True)
         pipe.sadd(HOSTS, self.host_id)
         pipe.set(HostKeys.last_seen(self.host_id), now)
-        pipe.set(
-            HostKeys.heartbeat(self.host_id),
-            json.dumps({**self.info, "last_seen": now}),
-            ex=self.settings.host_ttl,
-        )
+        pipe.set(HostKeys.heartbeat(self.host_id), json.dumps(beat), ex=self.settings.host_ttl)
         pipe.delete(key)
         if held:
             pipe.sadd(key, *sorted(held))
