@@ -267,7 +267,10 @@ class DockerEngine:
 
     def ping(self, timeout: float | None = None) -> bool:
         try:
-            return bool(self.api.ping(**({"timeout": timeout} if timeout else {})))
+            if timeout is None:
+                return bool(self.api.ping())
+            # the SDK's ping takes no timeout of its own; the endpoint needs no API version
+            return bool(self.api.get(f"{self.api.base_url}/_ping", timeout=timeout).ok)
         except (docker.errors.DockerException, *_UNREACHABLE):
             return False
 

@@ -146,12 +146,15 @@ class HostAgent:
         self.thread = threading.Thread(target=self._run, name="pfbuild-heartbeat", daemon=True)
 
     def start(self) -> None:
-        self.beat()  # registered before the first job can be routed here
-        self.thread.start()
+        try:
+            self.beat()  # registered before the first job can be routed here
+        finally:
+            self.thread.start()  # a first beat that failed is tried again by the next
 
     def stop(self) -> None:
         self.stopped.set()
-        self.thread.join(self.settings.heartbeat_seconds + 5)
+        if self.thread.is_alive():
+            self.thread.join(self.settings.heartbeat_seconds + 5)
         # leaving cleanly: say so now, rather than after host_ttl
         with contextlib.suppress(redis.RedisError):
             self.client.delete(HostKeys.heartbeat(self.host_id))
