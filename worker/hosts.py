@@ -8,7 +8,8 @@
   ``engine_seen`` when it last answered: a host whose engine is down is routed nothing),
   re-reads which profiles' images the engine holds (so an image removed by hand is
   forgotten within one beat), and moves the jobs of any dead host's queue back to the
-  shared queue;
+  shared queue; while its engine does not answer and another host's does, the worker
+  stops taking jobs from the shared queue (:meth:`HostAgent.steer`);
 - signal handlers that keep the host's running jobs, and record the image a job left in
   the engine (built, loaded or pulled) at once rather than at the next beat.
 
@@ -126,8 +127,11 @@ class HostAgent:
         node: str,
         queues: list[str],
         concurrency: int,
+        consume_shared: Callable[[bool], None] = lambda on: None,
     ) -> None:
         self.settings = settings
+        self.consume_shared = consume_shared
+        self.taking_shared = True  # a worker starts consuming the shared queue
         self.client = client
         self.engine = engine
         self.host_id = settings.host_id
@@ -163,6 +167,7 @@ class HostAgent:
         while not self.stopped.wait(self.settings.heartbeat_seconds):
             try:
                 self.beat()
+                self.steer()
                 self.rescue_dead()
             except Exception as exc:  # a Redis or engine blip: try again next beat
                 log.warning("host %s: heartbeat failed: %s", self.host_id, exc)
@@ -204,6 +209,21 @@ class HostAgent:
             pipe.sadd(key, *sorted(held))
         pipe.execute()
 
+    def steer(self) -> None:
+        """Take jobs from the shared queue only while this engine answers, or while no other
+        host's does (a job taken here then fails at once, as on a farm of one host). Jobs
+        already taken, and those of the host's own queue, are handed back (worker/handback.py)."""
+        want = self.engine_ok is not False or not any(
+            h.routable and h.host_id != self.host_id
+            for h in list_hosts(self.client, with_images=False)
+        )
+        if want == self.taking_shared:
+            return
+        self.consume_shared(want)
+        self.taking_shared = want
+        log.warning("host %s: %s the shared queue", self.host_id,
+                    "takes jobs from" if want else "engine down: stops taking jobs from")
+
     def rescue_dead(self) -> None:
         for host in list_hosts(self.client, with_images=False):
             if host.alive or host.host_id == self.host_id:
@@ -222,7 +242,7 @@ def install(app: Celery, settings: Settings) -> None:
 
     def on_ready(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:
-            local["agent"] = _start_agent(settings, client(), sender, queues)
+            local["agent"] = _start_agent(app, settings, client(), sender, queues)
 
     def on_shutdown(**_: Any) -> None:
         agent = local.pop("agent", None)
@@ -250,9 +270,16 @@ def _per_process_redis(app: Celery) -> Callable[[], redis.Redis]:
 
 
 def _start_agent(
-    settings: Settings, client: redis.Redis, consumer: Any, queues: list[str]
+    app: Celery, settings: Settings, client: redis.Redis, consumer: Any, queues: list[str]
 ) -> HostAgent:
     engine: dict[str, Engine] = {}
+    node = str(getattr(consumer, "hostname", "") or settings.host_id)
+
+    def consume_shared(on: bool) -> None:
+        # through the worker's remote control: its consumer changes its queues in its own
+        # loop (kombu's consumer is not for this thread to touch)
+        change = app.control.add_consumer if on else app.control.cancel_consumer
+        change(QUEUE, destination=[node])
 
     def get_engine() -> Engine:
         if "e" not in engine:
@@ -263,9 +290,10 @@ def _start_agent(
         settings,
         client,
         get_engine,
-        node=str(getattr(consumer, "hostname", "") or settings.host_id),
+        node=node,
         queues=queues,
         concurrency=int(getattr(getattr(consumer, "controller", None), "concurrency", 0) or 0),
+        consume_shared=consume_shared,
     )
     try:
         agent.start()

@@ -441,15 +441,17 @@ def test_engine_down_on_one_of_two_hosts(server: RedisServer, workers: list[Work
                                          cleanup_images: list[str]) -> None:
     """Host B's engine is stopped (its socket is gone), host A's answers: no job fails.
     New profiles and hits sent to B's own queue, to the shared queue (which B consumes
-    too) and through routing are all answered by A, those B took after a hand-back."""
+    until its heartbeat sees A answer) and through routing are all answered by A, those B
+    took after a hand-back."""
     from pfbuild.client.hosts import host_queue, list_hosts
     from pfbuild.client.queue import QUEUE
 
     stopped = f"unix://{tmp_path}/stopped.sock"
     _start(workers, ["host-a"], _env(server.url, tmp_path, PFBUILD_HOST_ID="host-a"),
            tmp_path, concurrency=2)
-    _start(workers, ["host-b"], _env(server.url, tmp_path, PFBUILD_HOST_ID="host-b",
-                                     PFBUILD_DOCKER_HOST=stopped), tmp_path, concurrency=2)
+    (host_b,) = _start(workers, ["host-b"], _env(server.url, tmp_path, PFBUILD_HOST_ID="host-b",
+                                                 PFBUILD_DOCKER_HOST=stopped), tmp_path,
+                       concurrency=2)
     with BuildClient(server.url) as client:
         hosts = {h.host_id: h for h in list_hosts(client.redis)}
         assert hosts["host-b"].alive and hosts["host-b"].engine_ok is False, hosts
@@ -462,6 +464,9 @@ def test_engine_down_on_one_of_two_hosts(server: RedisServer, workers: list[Work
         waits: list[float] = []
         answers = [j.result(timeout=600) for j in jobs]
         waits.append(time.monotonic() - started)
+        while b"Canceling queue pfbuild" not in host_b.log.read_bytes():  # B's next beats
+            assert time.monotonic() - started < 600, host_b.log.read_text()[-3000:]
+            time.sleep(0.2)
         hits_at = time.monotonic()  # the same profiles again: hits, held by A only
         jobs = [_send_to(client, requests[0], host_queue("host-b")),
                 _send_to(client, requests[2], QUEUE), client.submit(requests[4])]
@@ -478,6 +483,7 @@ def test_engine_down_on_one_of_two_hosts(server: RedisServer, workers: list[Work
     assert {a.docker_host for a in answers} == {"host-a"}
     assert len(handed) >= 3  # at least those sent to B's own queue
     assert sorted(a.cache_source for a in answers[6:]) == ["local"] * 3
+    assert answers[7] not in handed  # sent to the shared queue once B stopped taking it
 
 def test_a_job_parked_on_a_dead_holders_lock_is_woken(server: RedisServer,
                                                       workers: list[Worker], repo: Path,

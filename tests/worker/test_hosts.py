@@ -205,3 +205,30 @@ def test_a_job_is_handed_to_a_holder_then_to_the_least_loaded_answering_host(r: 
     assert handback_target(r, "p1", exclude={"a", "b"}) is None  # c's engine is down
     r.delete(HostKeys.heartbeat("b"))
     assert handback_target(r, "p1", exclude={"a"}) is None  # b is dead
+
+
+def test_a_host_whose_engine_is_down_stops_taking_shared_jobs_while_another_answers(
+        r: Any) -> None:
+    calls: list[bool] = []
+    b = _agent(r, "b")
+    b.consume_shared = calls.append
+    _engine(b).down = True
+    b.beat()
+    b.steer()
+    assert calls == []  # alone: it keeps taking them, and fails each at once
+    a = _agent(r, "a")
+    a.beat()
+    b.steer()
+    b.steer()
+    assert calls == [False]  # a answers: shared jobs are a's
+    _engine(a).down = True
+    a.beat()
+    b.steer()
+    assert calls == [False, True]  # no engine answers anywhere: back to failing fast
+    _engine(a).down = False
+    a.beat()
+    b.steer()
+    _engine(b).down = False
+    b.beat()
+    b.steer()
+    assert calls == [False, True, False, True]  # its engine is back
