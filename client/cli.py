@@ -292,12 +292,13 @@ def hosts(
     from rich.table import Table
 
     table = Table(title="pfbuild hosts")
-    for col in ("host", "alive", "seen (s ago)", "docker host", "running", "images"):
+    for col in ("host", "alive", "engine", "seen (s ago)", "docker host", "running", "images"):
         table.add_column(col)
     for h in found:
         table.add_row(
             h.host_id,
             "yes" if h.alive else "DEAD",
+            {True: "up", False: "DOWN", None: "?"}[h.engine_ok],
             str(h.seconds_since_seen),
             h.docker_host or "",
             f"{len(h.running)}/{h.concurrency}",

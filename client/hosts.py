@@ -15,6 +15,10 @@ base land where its layers are), unless jobs running, queued or just routed ther
 its slots; else to the shared queue, as when no host is known. A live worker moves
 the jobs of a dead host's queue back to the shared queue (``pfbuild.worker.hosts``).
 
+A host whose engine does not answer (its heartbeat says ``engine_ok: false``) is live
+but routed nothing, as if it were dead; a job it took anyway (from the shared queue, or
+before its heartbeat noticed) is handed to the host :func:`handback_target` names.
+
 Readers only: the worker side writes these keys. Imports no docker SDK.
 """
 
@@ -39,6 +43,7 @@ __all__ = [
     "HostKeys",
     "Router",
     "choose_queue",
+    "handback_target",
     "host_queue",
     "list_hosts",
 ]
@@ -91,6 +96,13 @@ class HostInfo(BaseModel):
     running: dict[str, str] = Field(default_factory=dict)
     queued: int = 0
     images: list[str] = Field(default_factory=list)
+    engine_ok: bool | None = None  # None: not reported (a worker older than the field)
+    engine_seen: float | None = None  # when its engine last answered a beat's ping
+
+    @property
+    def routable(self) -> bool:
+        """Live, and its engine answered at its last beat: jobs may be sent there."""
+        return self.alive and self.engine_ok is not False
 
     @property
     def busy(self) -> bool:
@@ -136,6 +148,8 @@ def list_hosts(client: redis.Redis, *, with_images: bool = True) -> list[HostInf
                 running={_text(k): _text(v) for k, v in jobs.items()},
                 queued=int(queued),
                 images=sorted(_text(p) for p in images),
+                engine_ok=info.get("engine_ok"),
+                engine_seen=info.get("engine_seen"),
             )
         )
     return hosts
@@ -154,7 +168,7 @@ def choose_queue(
     if not settings.routing:
         return QUEUE
     try:
-        live = [h for h in list_hosts(client, with_images=False) if h.alive]
+        live = [h for h in list_hosts(client, with_images=False) if h.routable]
         if not live:
             return QUEUE
         pipe = client.pipeline(transaction=False)
@@ -212,7 +226,7 @@ class Router:
             return []
         if time.monotonic() - read_at >= self.max_age:
             try:
-                hosts = [h for h in list_hosts(self.client, with_images=False) if h.alive]
+                hosts = [h for h in list_hosts(self.client, with_images=False) if h.routable]
             except redis.RedisError:
                 hosts = []
             self._live = (time.monotonic(), hosts)
@@ -252,3 +266,25 @@ def _claim(client: redis.Redis, host: HostInfo) -> str:
     if host.concurrency and taken >= host.concurrency:
         return QUEUE
     return host_queue(host.host_id)
+
+
+def handback_target(client: redis.Redis, profile_id: str, exclude: set[str]) -> str | None:
+    """The host a job should be handed to when the engine of the host that took it does
+    not answer: a routable host not in ``exclude`` (the hosts it was already on), one that
+    holds the image first, then the least loaded; None if there is none."""
+    hosts = [
+        h
+        for h in list_hosts(client, with_images=False)
+        if h.routable and h.host_id not in exclude
+    ]
+    if not hosts:
+        return None
+    pipe = client.pipeline(transaction=False)
+    for host in hosts:
+        pipe.sismember(HostKeys.images(host.host_id), profile_id)
+    held = pipe.execute()
+    best = min(
+        zip(hosts, held, strict=True),
+        key=lambda pair: (not pair[1], len(pair[0].running) + pair[0].queued, pair[0].host_id),
+    )
+    return best[0].host_id

@@ -254,6 +254,13 @@ class Settings(BaseSettings):
         description="Send each request to a live host that holds its image (else the host "
         "its base image hashes to, else the shared queue). Off: the shared queue only.",
     )
+    max_handbacks: int = Field(
+        default=2,
+        ge=0,
+        description="How many times a job may be handed to another host because the engine "
+        "of the host that took it does not answer; past it (or when no other host's engine "
+        "answers) the job fails with EngineUnavailable. 0: never handed back.",
+    )
 
     @property
     def job_heartbeat_ttl(self) -> float:

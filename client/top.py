@@ -127,13 +127,16 @@ def render(view: dict[str, Any]) -> Any:
         f"[bold]answers[/bold] {cache['answers']}",
         "hit rate " + " ".join(f"{t} {cache[f'{t}_rate'] or 0:.0%}" for t in _TIERS),
     )
-    hosts = Table("host", "alive", "seen (s ago)", "images / budget", "image disk", "tarballs")
+    hosts = Table(
+        "host", "alive", "engine", "seen (s ago)", "images / budget", "image disk", "tarballs"
+    )
     for h in view["hosts"]:
         d = view["disk"].get(h["host_id"], {})
         tar = sum((d.get("tarball_bytes") or {}).values()) if d else None
         hosts.add_row(
             h["host_id"],
             {True: "yes", False: "NO", None: "?"}[h.get("alive")],
+            {True: "up", False: "DOWN", None: "?"}[h.get("engine_ok")],
             str(h.get("seconds_since_seen") or "-"),
             f"{d.get('images', '?')} / {d.get('max_images') or '∞'}" if d else "?",
             _mb(d.get("image_bytes")),

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from pfbuild.client.errors import ImageLoadFailed
+from pfbuild.client.errors import EngineUnavailable, ImageLoadFailed
 from pfbuild.client.models import BuildAnswer, BuildRequest
 from pfbuild.client.profile import validate_request
 from pfbuild.client.settings import Settings
@@ -69,10 +69,13 @@ def run_request(request: BuildRequest, settings: Settings, engine: Engine,
     return run_build(resolve_request(request, settings), settings, engine, **kw)  # type: ignore[arg-type]
 
 
-def eager_worker(settings: Settings, url: str, engine: Engine) -> tuple[Any, Any]:
-    """A worker's Celery app and its build task, with ``engine``, to ``apply()`` jobs in
-    this process: a worker's result store and settings (results stored as a worker
-    stores them, waking waiters and ending flights), without its signals or threads."""
+def eager_worker(
+    settings: Settings, url: str, engine: Engine | Callable[[], Engine]
+) -> tuple[Any, Any]:
+    """A worker's Celery app and its build task, with ``engine`` (or what makes it), to
+    ``apply()`` jobs in this process: a worker's result store and settings (results stored
+    as a worker stores them, waking waiters and ending flights), without its signals or
+    threads."""
     from pfbuild.client.queue import make_celery
     from pfbuild.worker.celery_app import RESULT_STORE, configure_worker
     from pfbuild.worker.tasks import register
@@ -80,7 +83,8 @@ def eager_worker(settings: Settings, url: str, engine: Engine) -> tuple[Any, Any
     app = make_celery(settings, url, backend=RESULT_STORE)
     configure_worker(app, settings)
     app.conf.task_store_eager_result = True
-    return app, register(app, settings, engine_factory=lambda: engine)
+    factory = engine if callable(engine) else (lambda: engine)
+    return app, register(app, settings, engine_factory=factory)
 
 
 class FakeRegistry:
@@ -105,11 +109,14 @@ class FakeEngine:
         self.build_log: Callable[[str], list[str]] = lambda dockerfile: ["Step 1/1 : FROM x"]
         self.build_ok: Callable[[str], bool] = lambda dockerfile: True
         self.refuse_loads = False
+        self.down = False  # an engine that does not answer
 
-    def ping(self) -> bool:
-        return True
+    def ping(self, timeout: float | None = None) -> bool:
+        return not self.down
 
     def inspect(self, tag: str) -> ImageInfo | None:
+        if self.down:
+            raise EngineUnavailable(f"Docker engine at {self.host} stopped answering")
         return self.images.get(tag)
 
     def build(self, context: IO[bytes], spec: BuildSpec,
@@ -191,4 +198,6 @@ class FakeEngine:
         return Transfer(digest, len(self.blobs[ref]))
 
     def tags(self, repository: str) -> list[str]:
+        if self.down:
+            raise EngineUnavailable(f"Docker engine at {self.host} stopped answering")
         return sorted(t for t in self.images if t.startswith(repository + "/"))

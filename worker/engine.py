@@ -152,8 +152,8 @@ class Engine(Protocol):
 
     host: str
 
-    def ping(self) -> bool:
-        """Whether the engine answers."""
+    def ping(self, timeout: float | None = None) -> bool:
+        """Whether the engine answers (within ``timeout`` seconds, if given)."""
 
     def inspect(self, tag: str) -> ImageInfo | None:
         """The image behind ``tag``, or None when this engine does not hold it."""
@@ -288,9 +288,12 @@ class DockerEngine:
                 "Start dockerd or point DOCKER_HOST at a running engine."
             ) from None
 
-    def ping(self) -> bool:
+    def ping(self, timeout: float | None = None) -> bool:
         try:
-            return bool(self.api.ping())
+            if timeout is None:
+                return bool(self.api.ping())
+            # the SDK's ping takes no timeout of its own; the endpoint needs no API version
+            return bool(self.api.get(f"{self.api.base_url}/_ping", timeout=timeout).ok)
         except (docker.errors.DockerException, *_UNREACHABLE):
             return False
 

@@ -4,9 +4,12 @@
 
 - a queue of the host's own, ``pfbuild.host.{host_id}``, consumed next to the shared one;
 - a heartbeat thread in the worker's main process: every ``heartbeat_seconds`` it renews
-  the host's heartbeat (expiring after ``host_ttl``), re-reads which profiles' images the
-  engine holds (so an image removed by hand is forgotten within one beat), and moves the
-  jobs of any dead host's queue back to the shared queue;
+  the host's heartbeat (expiring after ``host_ttl``), pings the engine (``engine_ok``, and
+  ``engine_seen`` when it last answered: a host whose engine is down is routed nothing),
+  re-reads which profiles' images the engine holds (so an image removed by hand is
+  forgotten within one beat), and moves the jobs of any dead host's queue back to the
+  shared queue; while its engine does not answer and another host's does, the worker
+  stops taking jobs from the shared queue (:meth:`HostAgent.steer`);
 - signal handlers that keep the host's running jobs, and record the image a job left in
   the engine (built, loaded or pulled) at once rather than at the next beat.
 
@@ -31,6 +34,7 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 from kombu.entity import Queue
 
+from pfbuild.client.errors import EngineUnavailable
 from pfbuild.client.hosts import HOSTS, HostKeys, host_queue, list_hosts
 from pfbuild.client.queue import QUEUE
 from pfbuild.client.settings import Settings
@@ -43,6 +47,10 @@ log = logging.getLogger(__name__)
 # kombu's Redis transport keeps delivered, unacked messages here (its defaults)
 _UNACKED = "unacked"
 _UNACKED_INDEX = "unacked_index"
+
+# seconds a beat's ping waits for the engine: an engine that takes longer is down for
+# routing (its jobs would wait as long), and the beat must not outlast the host's TTL
+_PING_TIMEOUT = 3.0
 
 
 def _retarget(raw: bytes | str) -> str:
@@ -119,8 +127,11 @@ class HostAgent:
         node: str,
         queues: list[str],
         concurrency: int,
+        consume_shared: Callable[[bool], None] = lambda on: None,
     ) -> None:
         self.settings = settings
+        self.consume_shared = consume_shared
+        self.taking_shared = True  # a worker starts consuming the shared queue
         self.client = client
         self.engine = engine
         self.host_id = settings.host_id
@@ -133,16 +144,21 @@ class HostAgent:
             "pid": os.getpid(),
             "started_at": time.time(),
         }
+        self.engine_ok: bool | None = None
+        self.engine_seen: float | None = None
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pfbuild-heartbeat", daemon=True)
 
     def start(self) -> None:
-        self.beat()  # registered before the first job can be routed here
-        self.thread.start()
+        try:
+            self.beat()  # registered before the first job can be routed here
+        finally:
+            self.thread.start()  # a first beat that failed is tried again by the next
 
     def stop(self) -> None:
         self.stopped.set()
-        self.thread.join(self.settings.heartbeat_seconds + 5)
+        if self.thread.is_alive():
+            self.thread.join(self.settings.heartbeat_seconds + 5)
         # leaving cleanly: say so now, rather than after host_ttl
         with contextlib.suppress(redis.RedisError):
             self.client.delete(HostKeys.heartbeat(self.host_id))
@@ -151,6 +167,7 @@ class HostAgent:
         while not self.stopped.wait(self.settings.heartbeat_seconds):
             try:
                 self.beat()
+                self.steer()
                 self.rescue_dead()
             except Exception as exc:  # a Redis or engine blip: try again next beat
                 log.warning("host %s: heartbeat failed: %s", self.host_id, exc)
@@ -163,22 +180,49 @@ class HostAgent:
             if tag.endswith(":latest")
         }
 
+    def read_engine(self) -> tuple[bool, set[str]]:
+        """Whether the engine answers, and the profiles whose images it holds."""
+        try:
+            if self.engine().ping(timeout=_PING_TIMEOUT):
+                return True, self.held_profiles()
+        except EngineUnavailable:  # not even a connection (it is made again next beat)
+            pass
+        return False, set()
+
     def beat(self) -> None:
-        held = self.held_profiles() if self.engine().ping() else set()
+        ok, held = self.read_engine()
         key = HostKeys.images(self.host_id)
         now = time.time()
+        if ok != self.engine_ok:
+            level = logging.INFO if ok else logging.WARNING
+            log.log(level, "host %s: engine at %s %s", self.host_id, self.info["docker_host"],
+                    "answers" if ok else "does not answer: no job is routed here until it does")
+        self.engine_ok = ok
+        self.engine_seen = now if ok else self.engine_seen
+        beat = {**self.info, "last_seen": now, "engine_ok": ok, "engine_seen": self.engine_seen}
         pipe = self.client.pipeline(transaction=True)
         pipe.sadd(HOSTS, self.host_id)
         pipe.set(HostKeys.last_seen(self.host_id), now)
-        pipe.set(
-            HostKeys.heartbeat(self.host_id),
-            json.dumps({**self.info, "last_seen": now}),
-            ex=self.settings.host_ttl,
-        )
+        pipe.set(HostKeys.heartbeat(self.host_id), json.dumps(beat), ex=self.settings.host_ttl)
         pipe.delete(key)
         if held:
             pipe.sadd(key, *sorted(held))
         pipe.execute()
+
+    def steer(self) -> None:
+        """Take jobs from the shared queue only while this engine answers, or while no other
+        host's does (a job taken here then fails at once, as on a farm of one host). Jobs
+        already taken, and those of the host's own queue, are handed back (worker/handback.py)."""
+        want = self.engine_ok is not False or not any(
+            h.routable and h.host_id != self.host_id
+            for h in list_hosts(self.client, with_images=False)
+        )
+        if want == self.taking_shared:
+            return
+        self.consume_shared(want)
+        self.taking_shared = want
+        log.warning("host %s: %s the shared queue", self.host_id,
+                    "takes jobs from" if want else "engine down: stops taking jobs from")
 
     def rescue_dead(self) -> None:
         for host in list_hosts(self.client, with_images=False):
@@ -198,7 +242,7 @@ def install(app: Celery, settings: Settings) -> None:
 
     def on_ready(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:
-            local["agent"] = _start_agent(settings, client(), sender, queues)
+            local["agent"] = _start_agent(app, settings, client(), sender, queues)
 
     def on_shutdown(**_: Any) -> None:
         agent = local.pop("agent", None)
@@ -226,9 +270,16 @@ def _per_process_redis(app: Celery) -> Callable[[], redis.Redis]:
 
 
 def _start_agent(
-    settings: Settings, client: redis.Redis, consumer: Any, queues: list[str]
+    app: Celery, settings: Settings, client: redis.Redis, consumer: Any, queues: list[str]
 ) -> HostAgent:
     engine: dict[str, Engine] = {}
+    node = str(getattr(consumer, "hostname", "") or settings.host_id)
+
+    def consume_shared(on: bool) -> None:
+        # through the worker's remote control: its consumer changes its queues in its own
+        # loop (kombu's consumer is not for this thread to touch)
+        change = app.control.add_consumer if on else app.control.cancel_consumer
+        change(QUEUE, destination=[node])
 
     def get_engine() -> Engine:
         if "e" not in engine:
@@ -239,9 +290,10 @@ def _start_agent(
         settings,
         client,
         get_engine,
-        node=str(getattr(consumer, "hostname", "") or settings.host_id),
+        node=node,
         queues=queues,
         concurrency=int(getattr(getattr(consumer, "controller", None), "concurrency", 0) or 0),
+        consume_shared=consume_shared,
     )
     try:
         agent.start()

@@ -84,6 +84,7 @@ def run_build(
     fence: int | None = None,
     abort: Abort | None = None,
     timings: Timings | None = None,
+    events: list[str] | None = None,
 ) -> BuildAnswer:
     """Run the pipeline for one resolved request and return its answer.
 
@@ -92,7 +93,7 @@ def run_build(
     engine stops answering, :class:`StorageError` when the build's files cannot be
     written. ``guard`` is called before every write others will read (the tarball, the
     manifest) and may raise to stop the run; ``timings`` carries stages measured before
-    the pipeline (queue, lock).
+    the pipeline (queue, lock), ``events`` what happened to the job before it (a hand-back).
     """
     started = time.monotonic()
     run = BuildRun(
@@ -105,6 +106,7 @@ def run_build(
         fence=fence,
         abort=abort,
         timings=timings.model_copy() if timings else Timings(),
+        events=list(events or []),
     )
     try:
         resolved.artifacts.mkdir(parents=True, exist_ok=True)
@@ -126,6 +128,7 @@ def reuse_local(
     *,
     worker: str | None = None,
     timings: Timings | None = None,
+    events: list[str] | None = None,
 ) -> BuildAnswer | None:
     """The hit path: the answer if this engine's tag holds this very code, else None.
 
@@ -143,6 +146,7 @@ def reuse_local(
         no_progress,
         worker or f"{settings.host_id}:{os.getpid()}",
         timings=timings.model_copy() if timings else Timings(),
+        events=list(events or []),
     )
     try:
         with run.stage(JobState.CHECKING_CACHE):

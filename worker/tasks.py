@@ -1,7 +1,8 @@
 """The Celery task: a thin shell that runs the pipeline under the profile lock.
 
 A job goes: skip it if cancelled, or if a copy of it already answered → resolve its
-request → answer a hit on this engine (no lock, no heartbeat) → take the job over (a copy
+request → answer a hit on this engine (no lock, no heartbeat; an engine that does not
+answer hands the job to another host's: :mod:`pfbuild.worker.handback`) → take the job over (a copy
 whose job runs elsewhere ends here: :mod:`pfbuild.worker.liveness`) and beat while it
 runs, stopping the build if it is cancelled → take the profile lock (or park on its wait
 list, freeing the worker slot and the broker: :mod:`pfbuild.worker.lockwait`) → count the
@@ -29,6 +30,7 @@ from pfbuild.client.errors import (
     BadRequest,
     BuildTimeout,
     DeliveriesExhausted,
+    EngineUnavailable,
     InternalError,
     JobCancelled,
     LockLost,
@@ -41,6 +43,7 @@ from pfbuild.client.queue import PING_TASK, TASK_NAME, Keys, signal_done
 from pfbuild.client.settings import Settings
 from pfbuild.worker.engine import Abort, DockerEngine, Engine, engine_from_settings
 from pfbuild.worker.farmstate import FarmState
+from pfbuild.worker.handback import events_of, hand_back
 from pfbuild.worker.liveness import Heartbeat
 from pfbuild.worker.lock import ProfileLock
 from pfbuild.worker.lockwait import WaitList
@@ -101,9 +104,7 @@ class _Job:
         if answered:
             self.answered_already()
         resolved = self.resolve()
-        hit = reuse_local(
-            resolved, self.settings, self.proc.engine, worker=self.worker, timings=self.timings()
-        )
+        hit = self.check_hit(resolved)
         if hit is not None:
             # no lock and no heartbeat needed to read the engine (a copy of a hit is just
             # another hit); storing the answer wakes the waiters and ends the flight in
@@ -135,6 +136,30 @@ class _Job:
         cancelled, stored = pipe.execute()
         status = backend.decode_result(stored).get("status") if stored else None
         return bool(cancelled), str(status) in READY_STATES
+
+    def check_hit(self, resolved: ResolvedRequest) -> BuildAnswer | None:
+        """The hit path on this engine. An engine that does not answer (nothing is built
+        yet) hands the job to a host whose engine does, or fails it if there is none."""
+        try:
+            engine = self.proc.engine
+            if resolved.request.force_rebuild and not engine.ping():  # no inspect to tell
+                raise EngineUnavailable(f"Docker engine at {engine.host} does not answer")
+            return reuse_local(
+                resolved,
+                self.settings,
+                engine,
+                worker=self.worker,
+                timings=self.timings(),
+                events=events_of(self.kwargs),
+            )
+        except EngineUnavailable as exc:
+            proc = self.proc
+            target = hand_back(self.task, proc.app, proc.redis, self.settings, self.kwargs, exc)
+            if target is None:
+                raise
+            log.warning("job %s: engine does not answer (%s); handed to host %s",
+                        self.id, exc.message, target)
+            raise Ignore() from None
 
     def answered(self) -> bool:
         meta = self.task.backend.get_task_meta(self.id)
@@ -288,6 +313,7 @@ class _Job:
             fence=lock.fence,
             abort=self.abort,
             timings=self.timings(),
+            events=events_of(self.kwargs),
         )
 
 

@@ -422,6 +422,69 @@ def test_engine_down_on_the_only_host(server: RedisServer, workers: list[Worker]
     assert took < 10
 
 
+
+def _send_to(client: BuildClient, request: dict[str, Any], queue: str) -> BuildJob:
+    """Send ``request`` straight to ``queue``, as a routing decision made elsewhere would."""
+    from pfbuild.client.queue import TASK_NAME, mark_sent
+
+    req, profile_id = client._prepare(request)
+    job_id = str(uuid.uuid4())
+    client.app.send_task(TASK_NAME, task_id=job_id, queue=queue, kwargs={
+        "request": req.model_dump(mode="json"), "profile_id": profile_id,
+        "submitted_at": time.time()})
+    mark_sent(client.redis, job_id, client.settings)  # it exists: waiters wait
+    return BuildJob(client, job_id, profile_id)
+
+
+def test_engine_down_on_one_of_two_hosts(server: RedisServer, workers: list[Worker],
+                                         repo: Path, tmp_path: Path,
+                                         cleanup_images: list[str]) -> None:
+    """Host B's engine is stopped (its socket is gone), host A's answers: no job fails.
+    New profiles and hits sent to B's own queue, to the shared queue (which B consumes
+    until its heartbeat sees A answer) and through routing are all answered by A, those B
+    took after a hand-back."""
+    from pfbuild.client.hosts import host_queue, list_hosts
+    from pfbuild.client.queue import QUEUE
+
+    stopped = f"unix://{tmp_path}/stopped.sock"
+    _start(workers, ["host-a"], _env(server.url, tmp_path, PFBUILD_HOST_ID="host-a"),
+           tmp_path, concurrency=2)
+    (host_b,) = _start(workers, ["host-b"], _env(server.url, tmp_path, PFBUILD_HOST_ID="host-b",
+                                                 PFBUILD_DOCKER_HOST=stopped), tmp_path,
+                       concurrency=2)
+    with BuildClient(server.url) as client:
+        hosts = {h.host_id: h for h in list_hosts(client.redis)}
+        assert hosts["host-b"].alive and hosts["host-b"].engine_ok is False, hosts
+        requests = [{"repo_dir": str(repo), "profile": _profile(repo, "true")}
+                    for _ in range(6)]
+        started = time.monotonic()
+        jobs = [_send_to(client, r, host_queue("host-b")) for r in requests[:2]]
+        jobs += [_send_to(client, r, QUEUE) for r in requests[2:4]]
+        jobs += [client.submit(r) for r in requests[4:]]  # routing: never to B
+        waits: list[float] = []
+        answers = [j.result(timeout=600) for j in jobs]
+        waits.append(time.monotonic() - started)
+        while b"Canceling queue pfbuild" not in host_b.log.read_bytes():  # B's next beats
+            assert time.monotonic() - started < 600, host_b.log.read_text()[-3000:]
+            time.sleep(0.2)
+        hits_at = time.monotonic()  # the same profiles again: hits, held by A only
+        jobs = [_send_to(client, requests[0], host_queue("host-b")),
+                _send_to(client, requests[2], QUEUE), client.submit(requests[4])]
+        answers += [j.result(timeout=600) for j in jobs]
+        waits.append(time.monotonic() - hits_at)
+    cleanup_images.extend(a.image_tag for a in answers)
+    handed = [a for a in answers if any("handed to host host-a" in e
+                                        for e in a.manifest.events)]
+    print(f"\nengine down on host B: {len(answers)}/{len(answers)} jobs answered "
+          f"({sum(a.cache_source == 'built' for a in answers)} built, "
+          f"{sum(a.cache_source == 'local' for a in answers)} hits), {len(handed)} went to "
+          f"host A after being handed back, longest wait {max(waits):.1f} s (6 builds), "
+          f"{waits[1]:.2f} s (3 hits)")
+    assert {a.docker_host for a in answers} == {"host-a"}
+    assert len(handed) >= 3  # at least those sent to B's own queue
+    assert sorted(a.cache_source for a in answers[6:]) == ["local"] * 3
+    assert answers[7] not in handed  # sent to the shared queue once B stopped taking it
+
 def test_a_job_parked_on_a_dead_holders_lock_is_woken(server: RedisServer,
                                                       workers: list[Worker], repo: Path,
                                                       tmp_path: Path,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pfbuild.client.errors import EngineUnavailable
@@ -27,3 +29,10 @@ def test_inspect_a_missing_tag_is_none_and_the_base_image_is_found(docker_engine
     engine = engine_from_settings(Settings())
     base = engine.inspect("python:3.11-slim")
     assert base is not None and base.id.startswith("sha256:")
+
+
+@pytest.mark.docker
+def test_ping_with_a_timeout_answers(docker_engine) -> None:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    assert docker_engine.ping(timeout=3) and docker_engine.ping()
+    assert time.monotonic() - started < 3

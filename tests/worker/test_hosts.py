@@ -8,7 +8,13 @@ from typing import Any
 import fakeredis
 import pytest
 
-from pfbuild.client.hosts import HostKeys, choose_queue, host_queue, list_hosts
+from pfbuild.client.hosts import (
+    HostKeys,
+    choose_queue,
+    handback_target,
+    host_queue,
+    list_hosts,
+)
 from pfbuild.client.models import BuildRequest
 from pfbuild.client.settings import Settings
 from pfbuild.worker.engine import ImageInfo
@@ -161,3 +167,86 @@ def test_agents_submitting_at_once_do_not_all_land_on_one_idle_host(r: Any) -> N
     _agent(r, "a", concurrency=2).beat()
     queues = [choose_queue(r, Settings(), _req(), f"new{i}") for i in range(5)]
     assert queues == [host_queue("a")] * 2 + ["pfbuild"] * 3
+
+
+def _engine(agent: HostAgent) -> FakeEngine:
+    engine = agent.engine()
+    assert isinstance(engine, FakeEngine)
+    return engine
+
+
+def test_a_host_whose_engine_is_down_is_live_but_routed_nothing(r: Any) -> None:
+    a, b = _agent(r, "a"), _agent(r, "b", "patchfoundry/p1:latest")
+    a.beat()
+    b.beat()
+    assert {h.host_id: h.engine_ok for h in list_hosts(r)} == {"a": True, "b": True}
+    seen = list_hosts(r)[1].engine_seen
+    _engine(b).down = True
+    b.beat()
+    host_b = list_hosts(r)[1]
+    assert host_b.alive and host_b.engine_ok is False and not host_b.routable
+    assert host_b.engine_seen == seen and host_b.images == []  # when it last answered
+    for i in range(5):  # neither its image (now unknown) nor its base image draws jobs
+        r.delete(HostKeys.routed("a"))
+        assert choose_queue(r, Settings(), _req(), f"p{i}") == host_queue("a")
+    _engine(a).down = True
+    a.beat()
+    assert choose_queue(r, Settings(), _req(), "p1") == "pfbuild"  # no engine answers
+    _engine(b).down = False
+    b.beat()  # back within one beat
+    assert choose_queue(r, Settings(), _req(), "p1") == host_queue("b")
+
+
+def test_an_engine_that_cannot_even_be_reached_still_beats(r: Any) -> None:
+    from pfbuild.client.errors import EngineUnavailable
+
+    def unreachable() -> FakeEngine:
+        raise EngineUnavailable("cannot reach the Docker engine")
+
+    settings = Settings(host_id="c", docker_host="unix:///c.sock")
+    HostAgent(settings, r, unreachable, node="w@c", queues=[], concurrency=1).beat()
+    (host,) = list_hosts(r)
+    assert host.alive and host.engine_ok is False and host.engine_seen is None
+
+
+def test_a_job_is_handed_to_a_holder_then_to_the_least_loaded_answering_host(r: Any) -> None:
+    agents = [_agent(r, h) for h in ("a", "b", "c")]
+    for agent in agents:
+        agent.beat()
+    r.hset(HostKeys.jobs("b"), "j1", "x")  # b runs a job; a and c are idle
+    assert handback_target(r, "p1", exclude={"a"}) == "c"
+    _agent(r, "b", "patchfoundry/p1:latest").beat()  # b holds the image: a hit there
+    assert handback_target(r, "p1", exclude={"a"}) == "b"
+    assert handback_target(r, "p1", exclude={"a", "b"}) == "c"
+    _engine(agents[2]).down = True
+    agents[2].beat()
+    assert handback_target(r, "p1", exclude={"a", "b"}) is None  # c's engine is down
+    r.delete(HostKeys.heartbeat("b"))
+    assert handback_target(r, "p1", exclude={"a"}) is None  # b is dead
+
+
+def test_a_host_whose_engine_is_down_stops_taking_shared_jobs_while_another_answers(
+        r: Any) -> None:
+    calls: list[bool] = []
+    b = _agent(r, "b")
+    b.consume_shared = calls.append
+    _engine(b).down = True
+    b.beat()
+    b.steer()
+    assert calls == []  # alone: it keeps taking them, and fails each at once
+    a = _agent(r, "a")
+    a.beat()
+    b.steer()
+    b.steer()
+    assert calls == [False]  # a answers: shared jobs are a's
+    _engine(a).down = True
+    a.beat()
+    b.steer()
+    assert calls == [False, True]  # no engine answers anywhere: back to failing fast
+    _engine(a).down = False
+    a.beat()
+    b.steer()
+    _engine(b).down = False
+    b.beat()
+    b.steer()
+    assert calls == [False, True, False, True]  # its engine is back

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,13 @@ from tests.fakes import FakeEngine, eager_worker
 PROFILE = {"install_cmds": ["pip install ."], "env": {}}
 
 
+def _task(url: str, tmp_path: Path, engine: Callable[[], FakeEngine], host_id: str = "h") -> Any:
+    settings = Settings(redis_url=url, tmp_dir=tmp_path / "t", host_id=host_id, max_deliveries=2)
+    return eager_worker(settings, url, engine)[1]
+
+
 def _setup(url: str, tmp_path: Path, engine: FakeEngine) -> tuple[Any, dict[str, Any], Path]:
-    settings = Settings(redis_url=url, tmp_dir=tmp_path / "t", host_id="h", max_deliveries=2)
-    _, task = eager_worker(settings, url, engine)
+    task = _task(url, tmp_path, lambda: engine)
     repo = tmp_path / "repo"
     repo.mkdir()
     from pfbuild.client.profile import parse_profile
@@ -98,3 +103,98 @@ def test_a_redis_blip_outside_the_build_hands_the_job_back(url: str, tmp_path: P
     monkeypatch.setattr(lock_module.ProfileLock, "acquire", blip)
     result = task.apply(kwargs=kwargs, task_id="job-6")
     assert result.state == "REJECTED"  # requeued, not failed
+
+
+def _host(r: Any, host_id: str, *, down: bool = False) -> None:
+    from pfbuild.worker.hosts import HostAgent
+
+    engine = FakeEngine()
+    engine.down = down
+    HostAgent(Settings(host_id=host_id), r, lambda: engine, node=f"w@{host_id}", queues=[],
+              concurrency=2).beat()
+
+
+def _queued(r: Any, queue: str) -> list[dict[str, Any]]:
+    """The messages waiting in ``queue``: their headers and kwargs."""
+    import base64
+    import json
+
+    out = []
+    for raw in r.lrange(queue, 0, -1):
+        message = json.loads(raw)
+        _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        out.append({"id": message["headers"]["id"], "kwargs": kwargs})
+    return out
+
+
+def test_a_job_whose_engine_is_down_is_handed_to_a_host_whose_engine_answers(
+        url: str, tmp_path: Path) -> None:
+    from pfbuild.client.hosts import host_queue
+    from pfbuild.client.jobs import BuildClient
+
+    engine = FakeEngine()
+    engine.down = True
+    task, kwargs, _ = _setup(url, tmp_path, engine)
+    r = redis.Redis.from_url(url)
+    _host(r, "h", down=True)
+    _host(r, "b", down=True)  # live, but its engine is down too: not a target
+    _host(r, "a")
+    r.set(kwargs["flight"], "job-7")
+    result = task.apply(kwargs=kwargs, task_id="job-7")
+    assert result.state == "IGNORED"  # acknowledged, no answer stored: the job lives on
+    assert r.get(kwargs["flight"]) == b"job-7" and r.get(Keys.job("job-7")) == b"sent"
+    (moved,) = _queued(r, host_queue("a"))
+    assert moved["id"] == "job-7" and moved["kwargs"]["request"] == kwargs["request"]
+    (hop,) = moved["kwargs"]["handed_back"]
+    assert hop["from"] == "h" and hop["to"] == "a" and "stopped answering" in hop["reason"]
+    status = BuildClient(url).job("job-7").status()
+    assert status.stage == "queued" and status.docker_host == "a"
+    assert status.line == "engine on host h does not answer; handed to host a"
+
+    # host a's worker (engine up) runs it: the answer says where it came from
+    task_a = _task(url, tmp_path, FakeEngine, host_id="a")
+    answer = task_a.apply(kwargs=moved["kwargs"], task_id="job-7")
+    assert answer.state == "SUCCESS"
+    assert "engine on host h does not answer; handed to host a" in \
+        answer.result["manifest"]["events"]
+
+
+def test_with_no_other_answering_host_or_past_the_limit_the_job_fails(
+        url: str, tmp_path: Path) -> None:
+    from pfbuild.client.errors import EngineUnavailable
+
+    engine = FakeEngine()
+    engine.down = True
+    task, kwargs, _ = _setup(url, tmp_path, engine)
+    r = redis.Redis.from_url(url)
+    _host(r, "h", down=True)
+    result = task.apply(kwargs=kwargs, task_id="job-8")  # the only host: fails at once
+    assert result.state == "FAILURE" and isinstance(result.result, EngineUnavailable)
+    _host(r, "a")
+    hops = [{"from": "x", "to": "y"}, {"from": "y", "to": "h"}]  # max_handbacks (2) made
+    result = task.apply(kwargs={**kwargs, "handed_back": hops}, task_id="job-9")
+    assert result.state == "FAILURE" and isinstance(result.result, EngineUnavailable)
+    result = task.apply(kwargs={**kwargs, "handed_back": [{"from": "a", "to": "h"}]},
+                        task_id="job-10")  # it came from a: never sent back there
+    assert result.state == "FAILURE" and isinstance(result.result, EngineUnavailable)
+
+
+def test_an_unreachable_engine_and_a_forced_rebuild_are_handed_back_too(
+        url: str, tmp_path: Path) -> None:
+    from pfbuild.client.errors import EngineUnavailable
+    from pfbuild.client.hosts import host_queue
+
+    down = FakeEngine()
+    down.down = True
+    forced_task, kwargs, _ = _setup(url, tmp_path, down)
+
+    def unreachable() -> FakeEngine:
+        raise EngineUnavailable("cannot reach the Docker engine at unix:///gone.sock")
+
+    task = _task(url, tmp_path, unreachable)  # no connection at all
+    r = redis.Redis.from_url(url)
+    _host(r, "a")
+    assert task.apply(kwargs=kwargs, task_id="job-11").state == "IGNORED"
+    forced = {**kwargs, "request": {**kwargs["request"], "force_rebuild": True}}
+    assert forced_task.apply(kwargs=forced, task_id="job-12").state == "IGNORED"  # pinged
+    assert [m["id"] for m in _queued(r, host_queue("a"))] == ["job-12", "job-11"]
