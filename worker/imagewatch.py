@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
@@ -27,6 +28,17 @@ log = logging.getLogger(__name__)
 
 EventStream = Callable[[], Iterable[Any]]
 T = TypeVar("T")
+
+
+_WATCHES: weakref.WeakSet[ImageWatch[Any]] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for watch in list(_WATCHES):
+        watch._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 class ImageWatch(Generic[T]):
@@ -44,6 +56,7 @@ class ImageWatch(Generic[T]):
         self._live = False
         self._pid = -1
         self._stream: Any = None
+        _WATCHES.add(self)
 
     def get(self, tag: str) -> T | None:
         """What ``tag`` named, if kept and still current; else None (ask the engine)."""
@@ -87,7 +100,6 @@ class ImageWatch(Generic[T]):
                 log.debug("closing the image event stream failed", exc_info=True)
 
     def _ensure_following(self) -> None:
-        # a forked pool child inherits the object but not the thread: it starts its own
         if self._pid == os.getpid() or self._pid == -2:
             return
         with self._lock:
@@ -97,6 +109,16 @@ class ImageWatch(Generic[T]):
             self._live = False
             self._kept.clear()
         threading.Thread(target=self._follow, name="pfbuild-image-events", daemon=True).start()
+
+    def _after_fork(self) -> None:
+        # A forked pool child inherits the object but not the thread, nor a lock that
+        # thread may have held at the fork: it starts afresh, and follows on first use.
+        self._lock = threading.Lock()
+        self._live = False
+        self._kept.clear()
+        self._stream = None
+        if self._pid != -2:
+            self._pid = -1
 
     def _follow(self) -> None:
         pid = os.getpid()

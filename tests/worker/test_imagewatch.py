@@ -3,6 +3,7 @@ changed, forgotten on any event, on its own changes, when the stream breaks, wit
 
 from __future__ import annotations
 
+import os
 import queue
 import subprocess
 import time
@@ -98,6 +99,34 @@ def test_an_answer_older_than_max_age_is_asked_again() -> None:
     time.sleep(0.3)
     assert watch.get("t") is None
     watch.close()
+
+
+def test_a_forked_child_keeps_nothing_of_its_parent_and_follows_on_its_own() -> None:
+    """A pool child forked while the parent follows: no inherited answers, no inherited
+    lock, its own stream."""
+    events = _Events()
+    watch = _live_watch(events)
+    watch.keep("t", "parent's", watch.generation())
+    with watch._lock:  # the parent's thread holds the lock at the fork
+        child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            if watch.get("t") is None:
+                watch.keep("t", "child's", watch.generation())
+                _until(lambda: _kept(watch, "child's"), seconds=10)
+                code = 0 if events.opened == 2 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert watch.get("t") == "parent's"
+    watch.close()
+
+
+def _kept(watch: ImageWatch[str], value: str) -> bool:
+    watch.keep("t", value, watch.generation())
+    return watch.get("t") == value
 
 
 @pytest.mark.docker
