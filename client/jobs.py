@@ -106,8 +106,21 @@ class BuildJob:
         return str(meta.get("status", "PENDING")), meta.get("result")
 
     def status(self) -> JobStatus:
-        celery_state, info = self._meta()
+        """Where the job is; ``lost`` when it has neither an answer nor a record (the
+        error :meth:`result` raises then is :class:`JobLost`)."""
+        backend = self.client.app.backend
+        try:
+            pipe = self.client.redis.pipeline(transaction=False)
+            pipe.get(backend.get_key_for_task(self.id))
+            pipe.exists(Keys.job(self.id))
+            raw, exists = pipe.execute()
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"cannot read job {self.id}: {exc}") from None
+        meta = backend.decode_result(raw) if raw else {"status": "PENDING", "result": None}
+        celery_state, info = str(meta.get("status", "PENDING")), meta.get("result")
         state = job_state(celery_state)
+        if raw is None and not exists:
+            state = JobState.LOST
         # a stage's meta, or the answer on success: both carry the fields read here
         fields = info if isinstance(info, dict) else {}
         known = {

@@ -52,10 +52,11 @@ class JobState(str, Enum):
     SUCCESS = "success"
     FAILURE = "failure"
     CANCELLED = "cancelled"
+    LOST = "lost"  # neither an answer nor a record: never sent, or wiped with Redis
 
     @property
     def ready(self) -> bool:
-        return self in (JobState.SUCCESS, JobState.FAILURE, JobState.CANCELLED)
+        return self in (JobState.SUCCESS, JobState.FAILURE, JobState.CANCELLED, JobState.LOST)
 
     @property
     def celery_state(self) -> str:

@@ -16,6 +16,7 @@ import pytest
 
 from pfbuild.client.errors import JobLost, JobTimeout, QueueUnavailable
 from pfbuild.client.jobs import BuildClient
+from pfbuild.client.models import JobState
 from pfbuild.client.queue import Keys, claim_flight
 from pfbuild.client.settings import Settings
 
@@ -53,9 +54,11 @@ def test_a_flight_never_sent_is_abandoned_after_the_send_grace(client: BuildClie
     joined = client.submit(_req(tmp_path))
     assert joined.id == "ghost" and joined.joined
     started = time.monotonic()
+    assert joined.status().state is JobState.QUEUED  # claimed: it may still be sent
     with pytest.raises(JobLost, match="no longer exists"):
         joined.result(timeout=30)
     assert time.monotonic() - started < 0.5 + 1.5
+    assert joined.status().state is JobState.LOST and joined.status().state.ready
     fresh = client.submit(_req(tmp_path))
     assert fresh.id not in ("ghost", first.id) and not fresh.joined
 
