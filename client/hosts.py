@@ -168,16 +168,27 @@ def choose_queue(
     if not settings.routing:
         return QUEUE
     try:
-        live = [h for h in list_hosts(client, with_images=False) if h.routable]
-        if not live:
-            return QUEUE
-        pipe = client.pipeline(transaction=False)
-        for host in live:
-            pipe.sismember(HostKeys.images(host.host_id), profile_id)
-        held = pipe.execute()
+        live, held = _routable_holding(client, profile_id)
     except redis.RedisError:
         return QUEUE
     return _choose(client, settings, request, live, held)
+
+
+def _routable_holding(
+    client: redis.Redis, profile_id: str, exclude: frozenset[str] = frozenset()
+) -> tuple[list[HostInfo], list[Any]]:
+    """The routable hosts (less ``exclude``), and whether each holds ``profile_id``."""
+    hosts = [
+        h
+        for h in list_hosts(client, with_images=False)
+        if h.routable and h.host_id not in exclude
+    ]
+    if not hosts:
+        return [], []
+    pipe = client.pipeline(transaction=False)
+    for host in hosts:
+        pipe.sismember(HostKeys.images(host.host_id), profile_id)
+    return hosts, pipe.execute()
 
 
 def _choose(
@@ -272,17 +283,9 @@ def handback_target(client: redis.Redis, profile_id: str, exclude: set[str]) -> 
     """The host a job should be handed to when the engine of the host that took it does
     not answer: a routable host not in ``exclude`` (the hosts it was already on), one that
     holds the image first, then the least loaded; None if there is none."""
-    hosts = [
-        h
-        for h in list_hosts(client, with_images=False)
-        if h.routable and h.host_id not in exclude
-    ]
+    hosts, held = _routable_holding(client, profile_id, frozenset(exclude))
     if not hosts:
         return None
-    pipe = client.pipeline(transaction=False)
-    for host in hosts:
-        pipe.sismember(HostKeys.images(host.host_id), profile_id)
-    held = pipe.execute()
     best = min(
         zip(hosts, held, strict=True),
         key=lambda pair: (not pair[1], len(pair[0].running) + pair[0].queued, pair[0].host_id),
