@@ -1,9 +1,11 @@
 """The Celery task: a thin shell that runs the pipeline under the profile lock.
 
-A job goes: skip it if cancelled, or if a copy of it already answered → resolve its
-request → answer a hit on this engine (no lock, no heartbeat; an engine that does not
-answer hands the job to another host's: :mod:`pfbuild.worker.handback`) → take the job over (a copy
-whose job runs elsewhere ends here: :mod:`pfbuild.worker.liveness`) and beat while it
+A job goes: resolve its request → answer a hit on this engine (no lock, no heartbeat, no
+look at Redis: the result store keeps a cancellation or an answer already stored; an
+engine that does not answer hands the job to another host's:
+:mod:`pfbuild.worker.handback`) → skip it if cancelled, or if a copy of it already
+answered → take the job over (a copy whose job runs elsewhere ends here:
+:mod:`pfbuild.worker.liveness`) and beat while it
 runs, stopping the build if it is cancelled → take the profile lock (or park on its wait
 list, freeing the worker slot and the broker: :mod:`pfbuild.worker.lockwait`) → count the
 start (redeliveries are capped) → run the pipeline under the lock's watchdog → answer.
@@ -98,18 +100,19 @@ class _Job:
         }
 
     def run(self) -> dict[str, Any]:
+        resolved = self.resolve()
+        hit = self.check_hit(resolved)
+        if hit is not None:
+            # No lock, no heartbeat and no look at Redis: a copy of a hit is just another
+            # hit, and the result store keeps an answer or a cancellation already stored
+            # (it only wakes the waiters then). Storing the answer wakes them and ends the
+            # flight in the same step (worker/results.py).
+            return hit.model_dump(mode="json")
         cancelled, answered = self.look_up()
         if cancelled:
             raise Ignore()  # cancelled while queued, and this worker missed the revoke
         if answered:
             self.answered_already()
-        resolved = self.resolve()
-        hit = self.check_hit(resolved)
-        if hit is not None:
-            # no lock and no heartbeat needed to read the engine (a copy of a hit is just
-            # another hit); storing the answer wakes the waiters and ends the flight in
-            # the same step (worker/results.py)
-            return hit.model_dump(mode="json")
         # a job in a slot for longer than a hit: what `pfbuild top` and routing count
         FarmState(self.proc.redis, self.settings).started(self.id, self.profile_id, self.worker)
         self.beat = Heartbeat(

@@ -78,3 +78,15 @@ def test_a_stage_that_is_not_final_wakes_nobody(url: str, tmp_path: Path) -> Non
     app.backend.store_result("p-1", {"stage": "building"}, "BUILDING")
     assert _status(r, "p-1") == "BUILDING"
     assert not r.exists(Keys.done("p-1"))
+
+
+def test_a_cancelled_job_that_would_be_a_hit_stays_cancelled(url: str, tmp_path: Path) -> None:
+    """The hit path reads nothing of Redis first: the store keeps the cancellation."""
+    app, task, kwargs = _worker(url, tmp_path)
+    r = redis.Redis.from_url(url)
+    task.apply(kwargs=kwargs, task_id="build-2")
+    r.set(Keys.cancel("c-2"), 1)
+    app.backend.mark_as_revoked("c-2", reason="cancelled by the client")
+    task.apply(kwargs=kwargs, task_id="c-2")
+    assert _status(r, "c-2") == "REVOKED"
+    assert r.lrange(Keys.done("c-2"), 0, -1) == [b"1"]
