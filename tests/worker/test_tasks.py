@@ -127,16 +127,23 @@ def _queued(r: Any, queue: str) -> list[dict[str, Any]]:
     return out
 
 
-def test_a_job_whose_engine_is_down_is_handed_to_a_host_whose_engine_answers(
-        url: str, tmp_path: Path) -> None:
-    from pfbuild.client.hosts import host_queue
-    from pfbuild.client.jobs import BuildClient
-
+def _on_a_host_whose_engine_is_down(url: str, tmp_path: Path) -> tuple[Any, dict[str, Any],
+                                                                       redis.Redis]:
+    """The task on host h, whose engine is down (and its heartbeat says so)."""
     engine = FakeEngine()
     engine.down = True
     task, kwargs, _ = _setup(url, tmp_path, engine)
     r = redis.Redis.from_url(url)
     _host(r, "h", down=True)
+    return task, kwargs, r
+
+
+def test_a_job_whose_engine_is_down_is_handed_to_a_host_whose_engine_answers(
+        url: str, tmp_path: Path) -> None:
+    from pfbuild.client.hosts import host_queue
+    from pfbuild.client.jobs import BuildClient
+
+    task, kwargs, r = _on_a_host_whose_engine_is_down(url, tmp_path)
     _host(r, "b", down=True)  # live, but its engine is down too: not a target
     _host(r, "a")
     r.set(kwargs["flight"], "job-7")
@@ -163,11 +170,7 @@ def test_with_no_other_answering_host_or_past_the_limit_the_job_fails(
         url: str, tmp_path: Path) -> None:
     from pfbuild.client.errors import EngineUnavailable
 
-    engine = FakeEngine()
-    engine.down = True
-    task, kwargs, _ = _setup(url, tmp_path, engine)
-    r = redis.Redis.from_url(url)
-    _host(r, "h", down=True)
+    task, kwargs, r = _on_a_host_whose_engine_is_down(url, tmp_path)
     result = task.apply(kwargs=kwargs, task_id="job-8")  # the only host: fails at once
     assert result.state == "FAILURE" and isinstance(result.result, EngineUnavailable)
     _host(r, "a")
