@@ -74,6 +74,14 @@ class Settings(BaseSettings):
         description="Seconds any Redis call of a client may take (connect or reply), so "
         "that a Redis that accepts but never answers is an error, not a hang.",
     )
+    worker_redis_socket_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds any Redis call of a worker's own may take (its jobs' locks, "
+        "records and heartbeats; not Celery's broker connection): a Redis that accepts but "
+        "never answers fails the call, and the job is handed back, instead of hanging it. "
+        "Set here rather than left to redis-py, whose default has changed between releases.",
+    )
     redis_outage_tolerance: float = Field(
         default=30.0,
         description="Seconds a waiting client keeps retrying while Redis cannot be reached, "

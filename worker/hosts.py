@@ -237,7 +237,7 @@ def install(app: Celery, settings: Settings) -> None:
     """Give a worker app its host queue, heartbeat and job records (see the module doc)."""
     queues = [QUEUE, host_queue(settings.host_id)]
     app.conf.task_queues = [Queue(name) for name in queues]  # type: ignore[no-untyped-call]
-    client = _per_process_redis(app)
+    client = _per_process_redis(app, settings.worker_redis_socket_timeout)
     local: dict[str, HostAgent] = {}
 
     def on_ready(sender: Any = None, **_: Any) -> None:
@@ -253,17 +253,18 @@ def install(app: Celery, settings: Settings) -> None:
     worker_ready.connect(on_ready, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)
     # the host's running jobs and the images its jobs left are recorded with the rest of
-    # a job's records, in one round trip at its start and one at its end (worker/farmstate.py)
+    # a job's records (worker/farmstate.py)
 
 
-def _per_process_redis(app: Celery) -> Callable[[], redis.Redis]:
+def _per_process_redis(app: Celery, timeout: float) -> Callable[[], redis.Redis]:
     """One client per process: the heartbeat runs in the main process, tasks in pool
     children (a connection does not survive a fork)."""
     local: dict[str, Any] = {}
 
     def client() -> redis.Redis:
         if local.get("pid") != os.getpid():
-            local.update(pid=os.getpid(), redis=redis.Redis.from_url(app.conf.broker_url))
+            client = redis.Redis.from_url(app.conf.broker_url, socket_timeout=timeout)
+            local.update(pid=os.getpid(), redis=client)
         return local["redis"]  # type: ignore[no-any-return]
 
     return client

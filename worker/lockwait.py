@@ -110,7 +110,9 @@ def sweep(client: redis.Redis, app: Celery, settings: Settings) -> int:
 
 def start_sweeper(app: Celery, settings: Settings, stop: threading.Event) -> threading.Thread:
     """Sweep every ``lock_poll_seconds`` in a daemon thread until ``stop`` is set."""
-    client = redis.Redis.from_url(app.conf.broker_url)
+    client = redis.Redis.from_url(
+        app.conf.broker_url, socket_timeout=settings.worker_redis_socket_timeout
+    )
 
     def loop() -> None:
         while not stop.wait(settings.lock_poll_seconds):

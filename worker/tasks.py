@@ -70,7 +70,9 @@ class _Process:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.app.conf.broker_url)
+        return redis.Redis.from_url(
+            self.app.conf.broker_url, socket_timeout=self.settings.worker_redis_socket_timeout
+        )
 
     @cached_property
     def engine(self) -> Engine:

@@ -201,3 +201,33 @@ def test_an_unreachable_engine_and_a_forced_rebuild_are_handed_back_too(
     forced = {**kwargs, "request": {**kwargs["request"], "force_rebuild": True}}
     assert forced_task.apply(kwargs=forced, task_id="job-12").state == "IGNORED"  # pinged
     assert [m["id"] for m in _queued(r, host_queue("a"))] == ["job-12", "job-11"]
+
+
+def test_a_redis_that_never_answers_hands_the_job_back_instead_of_hanging(
+        tmp_path: Path) -> None:
+    """A worker's own Redis calls time out (worker_redis_socket_timeout): a job that
+    cannot reach its lock or records is handed back in about that long, not hung."""
+    import socket
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    silent = f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    try:
+        settings = Settings(redis_url=silent, tmp_dir=tmp_path / "t", host_id="h",
+                            worker_redis_socket_timeout=0.5)
+        _, task = eager_worker(settings, silent, FakeEngine())
+        repo = tmp_path / "repo"
+        repo.mkdir()
+        from pfbuild.client.profile import parse_profile
+
+        kwargs = {"request": {"repo_dir": str(repo), "profile": PROFILE},
+                  "profile_id": parse_profile(PROFILE).profile_id, "submitted_at": 0.0}
+        started = time.monotonic()
+        result = task.apply(kwargs=kwargs, task_id="job-silent")
+        took = time.monotonic() - started
+    finally:
+        listener.close()
+    assert result.state == "REJECTED"  # requeued, not failed, not hung
+    assert took < 3  # the setting's 0.5 s per call, not a library's default
