@@ -78,6 +78,11 @@ class JobStatus(BaseModel):
         return self.state.ready
 
 
+# The shortest time between two looks at a job in result(): its floor when a look does
+# not block (a server without BLMOVE), so that waiting never becomes a busy loop.
+_MIN_LOOK_INTERVAL = 0.05
+
+
 class BuildJob:
     """A handle on one job; reads like a ``concurrent.futures.Future``."""
 
@@ -172,11 +177,10 @@ class BuildJob:
             pipe.get(backend.get_key_for_task(self.id))
             pipe.exists(Keys.job(self.id))
             *_, raw, exists = pipe.execute()
-        except redis.ResponseError:
-            if not block:
-                raise QueueUnavailable(f"cannot read job {self.id}: Redis refused") from None
+        except redis.ResponseError as exc:
+            if not (block and "unknown command" in str(exc).lower()):
+                raise QueueUnavailable(f"cannot read job {self.id}: {exc}") from None
             self.client.blocking_reads = False  # a server without BLMOVE: plain polling
-            time.sleep(min(wait, 0.05))
             return self.poll()
         except redis.RedisError as exc:
             raise QueueUnavailable(f"cannot read job {self.id}: {exc}") from None
@@ -208,10 +212,15 @@ class BuildJob:
         outage: float | None = None
         while True:
             try:
-                answer = self.poll(wait=min(poll, deadline - time.monotonic()))
+                wait = min(poll, deadline - time.monotonic())
+                looked = time.monotonic()
+                answer = self.poll(wait=wait)
                 if answer is not None:
                     return answer
                 outage = None
+                # a look that came back at once without an answer (a server whose BLMOVE
+                # does not block, or a signal whose result is not final) does not spin
+                time.sleep(max(0.0, min(_MIN_LOOK_INTERVAL, wait) - (time.monotonic() - looked)))
                 if time.monotonic() >= deadline:
                     raise JobTimeout(
                         f"job {self.id} not finished after {limit}s ({self.status().stage})"
@@ -336,8 +345,13 @@ class BuildClient:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.eval(*claim_flight_command(key, job_id, self.settings))
                 hosts = self.router.ask(pipe, profile_id)
-                claim, *held = pipe.execute()
+                # an error in the routing reads is "not held" (the shared queue), not a
+                # failed submit after the claim went through
+                claim, *held = pipe.execute(raise_on_error=False)
+                if isinstance(claim, Exception):
+                    raise claim
                 other_id = flight_holder(claim)
+                held = [h if not isinstance(h, Exception) else False for h in held]
                 if other_id is None:
                     queue = self.router.choose(req, hosts, held)
                     self._send(req, profile_id, job_id, key, queue)

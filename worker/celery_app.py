@@ -91,7 +91,13 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
             "no Redis configured for the worker: set PFBUILD_REDIS_URL "
             "(`pfbuild submit --wait` runs an embedded broker and worker instead)"
         )
-    app = make_celery(settings, url, name="pfbuild.worker", backend=RESULT_STORE)
+    app = make_celery(
+        settings,
+        url,
+        name="pfbuild.worker",
+        backend=RESULT_STORE,
+        socket_timeout=settings.worker_redis_socket_timeout,
+    )
     configure_worker(app, settings)
     register(app, settings)
     sweep_parked_jobs(app, settings)

@@ -12,6 +12,7 @@ import functools
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Concatenate, ParamSpec, Protocol, TypeVar
@@ -305,7 +306,12 @@ class DockerEngine:
             # a client of its own: the stream holds its connection for as long as it runs
             api = docker.APIClient(base_url=self.host, version=self.api.api_version)
             api.trust_env = False
-            return api.events(decode=True, filters={"type": "image"})  # type: ignore[no-any-return]
+            # The engine answers the request a moment before it subscribes: replaying the
+            # last seconds' events covers that moment (a replayed event only forgets).
+            since = int(time.time()) - 2
+            return api.events(  # type: ignore[no-any-return]
+                since=since, decode=True, filters={"type": "image"}
+            )
 
         self.watch = ImageWatch[ImageInfo](open_events, max_age=max_age)
 

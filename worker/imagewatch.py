@@ -93,11 +93,7 @@ class ImageWatch(Generic[T]):
             self._pid = -2
             stream, self._stream = self._stream, None
         self.forget()
-        if stream is not None and hasattr(stream, "close"):
-            try:
-                stream.close()
-            except Exception:  # closing a broken stream may fail again; it is gone anyway
-                log.debug("closing the image event stream failed", exc_info=True)
+        _close_quietly(stream)
 
     def _ensure_following(self) -> None:
         if self._pid == os.getpid() or self._pid == -2:
@@ -126,6 +122,9 @@ class ImageWatch(Generic[T]):
             try:
                 stream = self._open_events()
                 with self._lock:
+                    if self._pid != pid:  # closed while it opened
+                        _close_quietly(stream)
+                        return
                     self._stream = stream
                     self._generation += 1
                     self._kept.clear()
@@ -139,3 +138,11 @@ class ImageWatch(Generic[T]):
                 self._stream = None
             self.forget()
             time.sleep(1.0)
+
+
+def _close_quietly(stream: Any) -> None:
+    if stream is not None and hasattr(stream, "close"):
+        try:
+            stream.close()
+        except Exception:  # closing a broken stream may fail again; it is gone anyway
+            log.debug("closing the image event stream failed", exc_info=True)

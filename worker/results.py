@@ -4,8 +4,10 @@ one round trip to Redis.
 Celery's Redis backend reads a task's stored result before it writes a new one (so a late
 copy never overwrites a SUCCESS), then writes and publishes it: two round trips, after
 which pfbuild's task would wake its waiters in a third. This backend does all of it in one
-script, and also refuses to overwrite a cancellation: once a job is ``REVOKED`` no answer,
-failure or progress stage of a copy still running lands over it.
+script, and keeps every final state, not only a SUCCESS: once a job has ended (``SUCCESS``,
+``FAILURE`` or ``REVOKED``), no answer, failure or progress stage of a copy still running
+lands over it, so every agent of the job reads the same outcome. The results are JSON
+(``make_celery``); the script reads the stored state with ``cjson``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ local current = redis.call('get', KEYS[4])
 if current then
   local ok, stored = pcall(cjson.decode, current)
   if ok and type(stored) == 'table' and (stored['status'] == 'SUCCESS'
-      or stored['status'] == 'REVOKED') then
+      or stored['status'] == 'FAILURE' or stored['status'] == 'REVOKED') then
     if ARGV[5] == '1' then
 """
     + SIGNAL_DONE_LUA

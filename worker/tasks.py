@@ -158,6 +158,12 @@ class _Job:
                 events=events_of(self.kwargs),
             )
         except EngineUnavailable as exc:
+            # a copy of a job cancelled or answered meanwhile is not handed on
+            cancelled, answered = self.look_up()
+            if cancelled:
+                raise Ignore() from None
+            if answered:
+                self.answered_already()
             proc = self.proc
             target = hand_back(self.task, proc.app, proc.redis, self.settings, self.kwargs, exc)
             if target is None:

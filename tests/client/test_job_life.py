@@ -103,3 +103,41 @@ def test_a_redis_that_never_answers_bounds_result() -> None:
         listener.close()
     print(f"\nresult(timeout=2) against a silent Redis returned after {took:.2f}s")
     assert took < 3
+
+
+def test_a_look_that_does_not_block_does_not_spin(client: BuildClient, tmp_path: Path) -> None:
+    """This fake server's BLMOVE returns at once, as a server without it would refuse it:
+    result() then looks at most every 50 ms, not thousands of times a second."""
+    job = client.submit(_req(tmp_path))
+    looks = 0
+    real_poll = job.poll
+
+    def counting(wait: float = 0.0) -> Any:
+        nonlocal looks
+        looks += 1
+        return real_poll(wait)
+
+    job.poll = counting  # type: ignore[method-assign]
+    client.blocking_reads = False
+    with pytest.raises(JobTimeout):
+        job.result(timeout=1)
+    assert 5 <= looks <= 30, looks
+
+
+def test_a_broken_routing_read_sends_to_the_shared_queue(client: BuildClient,
+                                                         tmp_path: Path) -> None:
+    """A routing read that errors (here a host's image set is the wrong type) means "not
+    held": the job is sent as a new profile's would be, instead of the submit failing
+    after its claim went through."""
+    import json
+
+    from pfbuild.client.hosts import HOSTS, HostKeys, host_queue
+    from pfbuild.client.queue import QUEUE
+
+    client.redis.sadd(HOSTS, "b")
+    client.redis.set(HostKeys.heartbeat("b"), json.dumps({"concurrency": 2, "engine_ok": True}))
+    client.redis.set(HostKeys.images("b"), "not a set")
+    job = client.submit(_req(tmp_path))
+    assert not job.joined and client.redis.get(Keys.job(job.id)) == b"sent"
+    sent = client.redis.lrange(QUEUE, 0, -1) + client.redis.lrange(host_queue("b"), 0, -1)
+    assert [json.loads(m)["headers"]["id"] for m in sent] == [job.id]

@@ -58,7 +58,7 @@ def test_a_flight_of_another_job_is_left_alone(url: str, tmp_path: Path) -> None
     assert r.lrange(Keys.done("old-job"), 0, -1) == [b"1"]
 
 
-def test_nothing_lands_over_a_cancellation_or_an_answer(url: str, tmp_path: Path) -> None:
+def test_nothing_lands_over_a_final_state(url: str, tmp_path: Path) -> None:
     app, _, _ = _worker(url, tmp_path)
     r = redis.Redis.from_url(url)
     backend = app.backend
@@ -70,6 +70,10 @@ def test_nothing_lands_over_a_cancellation_or_an_answer(url: str, tmp_path: Path
     backend.mark_as_failure("d-1", RuntimeError("a late copy failed"))
     assert _status(r, "d-1") == "SUCCESS"
     assert r.lrange(Keys.done("d-1"), 0, -1) == [b"1"]  # woken, once in the list
+    backend.mark_as_failure("f-1", RuntimeError("the build failed"))
+    backend.mark_as_done("f-1", {"cache_source": "local"})  # a copy that was a hit
+    backend.store_result("f-1", {"stage": "queued"}, "QUEUED")  # a copy handed on
+    assert _status(r, "f-1") == "FAILURE"  # every agent of the job reads one outcome
 
 
 def test_a_stage_that_is_not_final_wakes_nobody(url: str, tmp_path: Path) -> None:

@@ -231,3 +231,18 @@ def test_a_redis_that_never_answers_hands_the_job_back_instead_of_hanging(
         listener.close()
     assert result.state == "REJECTED"  # requeued, not failed, not hung
     assert took < 3  # the setting's 0.5 s per call, not a library's default
+
+
+def test_an_answered_copy_whose_engine_is_down_is_not_handed_on(
+        url: str, tmp_path: Path) -> None:
+    """A copy of a job whose answer is stored (a redelivery) meets a dead engine: it wakes
+    the waiters and ends, rather than sending the job to another host to run again."""
+    from pfbuild.client.hosts import host_queue
+
+    task, kwargs, r = _on_a_host_whose_engine_is_down(url, tmp_path)
+    _host(r, "a")
+    task.backend.mark_as_failure("job-10", RuntimeError("the first run failed"))
+    result = task.apply(kwargs=kwargs, task_id="job-10")
+    assert result.state == "IGNORED"
+    assert _queued(r, host_queue("a")) == []
+    assert r.lrange(Keys.done("job-10"), 0, -1) == [b"1"]
