@@ -113,19 +113,9 @@ class BuildJob:
     def status(self) -> JobStatus:
         """Where the job is; ``lost`` when it has neither an answer nor a record (the
         error :meth:`result` raises then is :class:`JobLost`)."""
-        backend = self.client.app.backend
-        try:
-            pipe = self.client.redis.pipeline(transaction=False)
-            pipe.get(backend.get_key_for_task(self.id))
-            pipe.exists(Keys.job(self.id))
-            raw, exists = pipe.execute()
-        except redis.RedisError as exc:
-            raise QueueUnavailable(f"cannot read job {self.id}: {exc}") from None
-        meta = backend.decode_result(raw) if raw else {"status": "PENDING", "result": None}
+        meta, exists = self._look()
         celery_state, info = str(meta.get("status", "PENDING")), meta.get("result")
-        state = job_state(celery_state)
-        if raw is None and not exists:
-            state = JobState.LOST
+        state = JobState.LOST if not (meta or exists) else job_state(celery_state)
         # a stage's meta, or the answer on success: both carry the fields read here
         fields = info if isinstance(info, dict) else {}
         known = {
@@ -164,10 +154,24 @@ class BuildJob:
         with Redis). The answer is stored before a record expires, so the answer is read
         again before the job is declared lost.
         """
+        meta, exists = self._look(wait)
+        answer = self._answer_of(str(meta.get("status", "PENDING")), meta.get("result"))
+        if answer is not None or exists:
+            return answer
+        answer = self._outcome()
+        if answer is not None:
+            return answer
+        raise JobLost(
+            f"job {self.id} no longer exists (it was never sent, or Redis lost it): "
+            "submit the request again"
+        )
+
+    def _look(self, wait: float = 0.0) -> tuple[dict[str, Any], bool]:
+        """The job's stored result ({} if none) and whether its record exists, in one round
+        trip; with ``wait``, first blocked on the job's done signal (see :meth:`poll`)."""
         backend = self.client.app.backend
         block = wait > 0 and self.client.blocking_reads
         try:
-            # the result and the record in one round trip, as cheap as reading the result
             pipe = self.client.redis.pipeline(transaction=False)
             if block:
                 # shorter than the socket timeout, or the socket would time out; Redis
@@ -181,20 +185,10 @@ class BuildJob:
             if not (block and "unknown command" in str(exc).lower()):
                 raise QueueUnavailable(f"cannot read job {self.id}: {exc}") from None
             self.client.blocking_reads = False  # a server without BLMOVE: plain polling
-            return self.poll()
+            return self._look()
         except redis.RedisError as exc:
             raise QueueUnavailable(f"cannot read job {self.id}: {exc}") from None
-        meta = backend.decode_result(raw) if raw else {"status": "PENDING", "result": None}
-        answer = self._answer_of(str(meta.get("status", "PENDING")), meta.get("result"))
-        if answer is not None or exists:
-            return answer
-        answer = self._outcome()
-        if answer is not None:
-            return answer
-        raise JobLost(
-            f"job {self.id} no longer exists (it was never sent, or Redis lost it): "
-            "submit the request again"
-        )
+        return (backend.decode_result(raw) if raw else {}), bool(exists)
 
     def _deadline(self, timeout: float | None) -> tuple[float, float]:
         limit = self.client.settings.wait_timeout if timeout is None else timeout
@@ -345,8 +339,8 @@ class BuildClient:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.eval(*claim_flight_command(key, job_id, self.settings))
                 hosts = self.router.ask(pipe, profile_id)
-                # an error in the routing reads is "not held" (the shared queue), not a
-                # failed submit after the claim went through
+                # an error in a routing read is "not held" (routed as a new profile),
+                # not a failed submit after the claim went through
                 claim, *held = pipe.execute(raise_on_error=False)
                 if isinstance(claim, Exception):
                     raise claim

@@ -335,6 +335,9 @@ _IMAGE_FACTS = (
 )
 
 
+_MANIFEST_MAX_BYTES = 4 * 1024 * 1024
+
+
 def _records_this_image(path: Path, document: dict[str, object]) -> bool:
     """Whether the manifest at ``path`` already records ``document``'s image facts."""
     try:
@@ -345,9 +348,6 @@ def _records_this_image(path: Path, document: dict[str, object]) -> bool:
     return isinstance(written, dict) and all(
         written.get(k) == document.get(k) for k in _IMAGE_FACTS
     )
-
-
-_MANIFEST_MAX_BYTES = 4 * 1024 * 1024
 
 
 def _answer(run: BuildRun, image: Image, started: float) -> BuildAnswer:

@@ -24,30 +24,27 @@ __all__ = ["ResultStore"]
 # done list and record, encoded result, its TTL (0: none), 1 if the state is final.
 _STORE = (
     """
+local ended = false
 local current = redis.call('get', KEYS[4])
 if current then
   local ok, stored = pcall(cjson.decode, current)
-  if ok and type(stored) == 'table' and (stored['status'] == 'SUCCESS'
-      or stored['status'] == 'FAILURE' or stored['status'] == 'REVOKED') then
-    if ARGV[5] == '1' then
-"""
-    + SIGNAL_DONE_LUA
-    + """
-    end
-    return 0
+  ended = ok and type(stored) == 'table' and (stored['status'] == 'SUCCESS'
+      or stored['status'] == 'FAILURE' or stored['status'] == 'REVOKED')
+end
+if not ended then
+  if tonumber(ARGV[4]) > 0 then
+    redis.call('setex', KEYS[4], ARGV[4], ARGV[3])
+  else
+    redis.call('set', KEYS[4], ARGV[3])
   end
+  redis.call('publish', KEYS[4], ARGV[3])
 end
-if tonumber(ARGV[4]) > 0 then
-  redis.call('setex', KEYS[4], ARGV[4], ARGV[3])
-else
-  redis.call('set', KEYS[4], ARGV[3])
-end
-redis.call('publish', KEYS[4], ARGV[3])
 if ARGV[5] == '1' then
 """
     + SIGNAL_DONE_LUA
     + """
 end
+if ended then return 0 end
 return 1
 """
 )

@@ -173,8 +173,7 @@ class _Job:
             raise Ignore() from None
 
     def answered(self) -> bool:
-        meta = self.task.backend.get_task_meta(self.id)
-        return str(meta.get("status")) in READY_STATES
+        return self.look_up()[1]
 
     def answered_already(self) -> NoReturn:
         """A copy whose answer is stored: wake the waiters, store nothing, acknowledge."""
@@ -237,10 +236,10 @@ class _Job:
 
     def store_cancelled(self) -> None:
         try:
-            self.task.backend.mark_as_revoked(self.id, reason="cancelled by the client")
-            flight = self.kwargs.get("flight")
-            flight_key = flight if isinstance(flight, str) else None
-            signal_done(self.proc.redis, self.id, self.settings.result_expires, flight_key)
+            # with the request, the store also wakes the waiters and ends the flight
+            self.task.backend.mark_as_revoked(
+                self.id, reason="cancelled by the client", request=self.task.request
+            )
         except (redis.RedisError, OperationalError) as exc:
             log.warning("job %s: could not store its cancellation: %s", self.id, exc)
 
@@ -368,12 +367,13 @@ def register(
     proc = _Process(app, settings, engine_factory)
 
     class BuildTask(Task):  # type: ignore[misc]
-        # Celery logs each result's repr at INFO; the answer is kilobytes, and our own
-        # structured stage line says how the job ended
         # Storing a final result also wakes the job's waiters and ends its flight, so
         # that the next submit of the profile starts afresh or finds the cache; a job
         # parked for its lock or handed back lives on, and so does its flight
         # (worker/results.py).
+
+        # Celery logs each result's repr at INFO; the answer is kilobytes, and our own
+        # structured stage line says how the job ended
         resultrepr_maxsize = 120
 
     @app.task(name=PING_TASK, shared=False)  # type: ignore[untyped-decorator]
