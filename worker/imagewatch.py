@@ -44,8 +44,9 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 class ImageWatch(Generic[T]):
     """A per-process cache of ``inspect`` answers, cleared by the engine's image events.
 
-    ``open_events`` opens a stream of the engine's image events; it must be subscribed
-    when it returns (the Docker API answers the request before any event is sent)."""
+    ``open_events`` opens a stream of the engine's image events that covers the moment it
+    was opened: the engine answers the request a moment before it subscribes, so the
+    opener replays the last seconds' events (``DockerEngine.follow_images``)."""
 
     def __init__(self, open_events: EventStream, *, max_age: float = 30.0) -> None:
         self._open_events = open_events
