@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -72,6 +73,19 @@ def _scrape(port: int) -> tuple[str, dict[tuple[str, frozenset[tuple[str, str]]]
     return text, samples
 
 
+def _settled(port: int, jobs: int) -> tuple[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+    """Scrape until ``jobs`` jobs are counted and none runs (bounded: the signals follow
+    the stored result by milliseconds; 30 s means they never came)."""
+    deadline = time.monotonic() + 30
+    while True:
+        text, samples = _scrape(port)
+        counted = sum(v for (name, _), v in samples.items() if name == "pfbuild_jobs_total")
+        if (counted >= jobs and _value(samples, "pfbuild_jobs_running") == 0) or \
+                time.monotonic() > deadline:
+            return text, samples
+        time.sleep(0.1)
+
+
 def _value(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
@@ -89,7 +103,9 @@ def test_a_build_a_hit_and_a_failure_are_counted(worker_farm: dict[str, Any], he
     assert (built.cache_source, hit.cache_source) == ("built", "local")
     assert failed.value.failure is not None
 
-    text, samples = _scrape(worker_farm["port"])
+    # Celery stores a job's result, which wakes its client, before it sends the signals
+    # the worker counts on: the last job's counts land a moment after its answer
+    text, samples = _settled(worker_farm["port"], jobs=3)
     print("\n".join(line for line in text.splitlines() if line.startswith("pfbuild_")
                     and "_bucket" not in line))
     assert _value(samples, "pfbuild_jobs_total", outcome="success", cache_source="built") == 1
