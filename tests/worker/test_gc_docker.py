@@ -47,7 +47,8 @@ def _build(api: Any, settings: Settings, profile_id: str, content: str = "") -> 
     buf = dockerfile_context(dockerfile)
     tag = settings.image_tag(profile_id)
     labels = {LABEL_PROFILE: profile_id, LABEL_REPOSITORY: settings.image_repository}
-    for _ in api.build(fileobj=buf, custom_context=True, tag=tag, labels=labels, decode=True):
+    for _ in api.build(fileobj=buf, custom_context=True, tag=tag, labels=labels, decode=True,
+                       rm=True, forcerm=True):  # leave no step containers behind
         pass
     return str(api.inspect_image(tag)["Id"])
 
