@@ -1,4 +1,5 @@
-"""Helpers for tests on two engines: count builds with `docker events`, tidy a registry."""
+"""Helpers for tests on two engines: count builds with `docker events`, tidy a registry,
+make an engine vanish mid-stream."""
 
 from __future__ import annotations
 
@@ -54,3 +55,65 @@ def delete_from_registry(addr: str, repository: str, digest: str) -> None:
                                  method="DELETE")
     with contextlib.suppress(OSError):
         urllib.request.urlopen(req, timeout=10).close()
+
+
+class EngineProxy:
+    """A unix socket in front of a real engine's; :meth:`kill` drops every connection and
+    the socket, so the engine vanishes for whoever talks through it, mid-stream included
+    (the engine itself stops a build whose client went away)."""
+
+    def __init__(self, path: str, target: str) -> None:
+        import socket
+
+        self.path, self.target = path, target
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(path)
+        self.server.listen(64)
+        self.conns: list[Any] = []
+        self.lock = threading.Lock()
+        self.dead = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return  # killed
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect(self.target)
+            with self.lock:
+                if self.dead:
+                    client.close()
+                    upstream.close()
+                    return
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: Any, b: Any) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(2)
+
+    def kill(self) -> None:
+        import os
+
+        with self.lock:
+            self.dead = True
+            self.server.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            for s in self.conns:
+                with contextlib.suppress(OSError):
+                    s.shutdown(2)
+                    s.close()

@@ -194,7 +194,14 @@ class Engine(Protocol):
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+# A connection refused or timed out, or one the engine dropped halfway through a stream
+# (urllib3's ProtocolError reaches us raw from the SDK's stream readers)
+_UNREACHABLE = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.ProtocolError,
+)
 
 
 class _Lines:

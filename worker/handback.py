@@ -1,9 +1,10 @@
 """Handing a job to another host when this host's engine does not answer.
 
-A job that finds its engine down before anything is built (docs/design.md, "Many hosts")
-is sent again, same job id and request, to the queue of a host whose engine answered
-its last beat (:func:`pfbuild.client.hosts.handback_target`), and this delivery is
-acknowledged without an answer: the job lives on, its flight and waiters with it. Each
+A job that finds its engine down, before anything is built or when the engine fails
+under its build (docs/design.md, "Many hosts"), is sent again, same job id and request,
+to the queue of a host whose engine answered its last beat
+(:func:`pfbuild.client.hosts.handback_target`), and this delivery is acknowledged
+without an answer: the job lives on, its flight and waiters with it. Each
 hop is recorded in the message (``handed_back``), so a job moves at most
 ``Settings.max_handbacks`` times and never back to a host it was on; the answer's events
 and the job's status say where it went and why. With no such host, or past the limit,

@@ -8,7 +8,8 @@ answered → take the job over (a copy whose job runs elsewhere ends here:
 :mod:`pfbuild.worker.liveness`) and beat while it
 runs, stopping the build if it is cancelled → take the profile lock (or park on its wait
 list, freeing the worker slot and the broker: :mod:`pfbuild.worker.lockwait`) → count the
-start (redeliveries are capped) → run the pipeline under the lock's watchdog → answer.
+start (redeliveries are capped) → run the pipeline under the lock's watchdog → answer
+(an engine that fails under the build hands the job on, once the lock is released).
 Every way it can end is a specific error of :mod:`pfbuild.client.errors`, serialised as
 JSON, never a traceback.
 """
@@ -126,8 +127,13 @@ class _Job:
             on_cancel=self.abort.trigger,
         )
         self.take_over()
-        with self.beat.running():
-            answer = self.build_locked(resolved)
+        try:
+            with self.beat.running():
+                answer = self.build_locked(resolved)
+        except EngineUnavailable as exc:
+            # the engine died under the build: the lock and heartbeat are released, so
+            # another host can take the job up as if it had never started here
+            self.hand_back_or_raise(exc)
         if self.abort.triggered.is_set() or self.proc.redis.exists(Keys.cancel(self.id)):
             raise JobCancelled(f"job {self.id} was cancelled")  # its answer never lands
         return answer
@@ -158,19 +164,24 @@ class _Job:
                 events=events_of(self.kwargs),
             )
         except EngineUnavailable as exc:
-            # a copy of a job cancelled or answered meanwhile is not handed on
-            cancelled, answered = self.look_up()
-            if cancelled:
-                raise Ignore() from None
-            if answered:
-                self.answered_already()
-            proc = self.proc
-            target = hand_back(self.task, proc.app, proc.redis, self.settings, self.kwargs, exc)
-            if target is None:
-                raise
-            log.warning("job %s: engine does not answer (%s); handed to host %s",
-                        self.id, exc.message, target)
+            self.hand_back_or_raise(exc)
+
+    def hand_back_or_raise(self, exc: EngineUnavailable) -> NoReturn:
+        """This host's engine failed: hand the job to a host whose engine answers, or fail
+        with ``exc`` when there is none. A job cancelled or answered meanwhile is not
+        handed on."""
+        cancelled, answered = self.look_up()
+        if cancelled:
             raise Ignore() from None
+        if answered:
+            self.answered_already()
+        proc = self.proc
+        target = hand_back(self.task, proc.app, proc.redis, self.settings, self.kwargs, exc)
+        if target is None:
+            raise exc
+        log.warning("job %s: engine does not answer (%s); handed to host %s",
+                    self.id, exc.message, target)
+        raise Ignore() from None
 
     def answered(self) -> bool:
         return self.look_up()[1]

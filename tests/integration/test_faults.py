@@ -485,6 +485,52 @@ def test_engine_down_on_one_of_two_hosts(server: RedisServer, workers: list[Work
     assert sorted(a.cache_source for a in answers[6:]) == ["local"] * 3
     assert answers[7] not in handed  # sent to the shared queue once B stopped taking it
 
+def test_an_engine_that_dies_mid_build_hands_the_job_on(server: RedisServer,
+                                                       workers: list[Worker], repo: Path,
+                                                       tmp_path: Path, docker_engine,  # type: ignore[no-untyped-def]
+                                                       cleanup_images: list[str]) -> None:
+    """Host B's engine vanishes while B builds (every connection to it dropped, the socket
+    gone): the job is not failed but handed to host A, which builds it; one answer."""
+    import tempfile
+
+    from pfbuild.client.queue import Keys as K
+    from tests.hostsupport import EngineProxy
+
+    if not docker_engine.host.startswith("unix://"):
+        pytest.skip("the proxy stands in front of a unix socket")
+    short = Path(tempfile.mkdtemp(prefix="pfek-"))  # a socket path must be short
+    proxy = EngineProxy(str(short / "b.sock"), docker_engine.host.removeprefix("unix://"))
+    try:
+        _start(workers, ["host-a"], _env(server.url, tmp_path, PFBUILD_HOST_ID="host-a"),
+               tmp_path)
+        _start(workers, ["host-b"], _env(server.url, tmp_path, PFBUILD_HOST_ID="host-b",
+                                         PFBUILD_DOCKER_HOST=f"unix://{short}/b.sock"),
+               tmp_path)
+        from pfbuild.client.hosts import host_queue
+
+        with BuildClient(server.url) as client:
+            request = {"repo_dir": str(repo), "profile": _profile(repo, "sleep 20")}
+            job = _send_to(client, request, host_queue("host-b"))
+            status = _until(job, JobState.BUILDING)
+            assert status.docker_host == "host-b", status
+            time.sleep(2)  # into the build's RUN step
+            proxy.kill()
+            killed = time.monotonic()
+            answer = job.result(timeout=600)
+            took = time.monotonic() - killed
+            starts = int(redis.Redis.from_url(server.url).get(K.starts(job.id)) or 0)
+    finally:
+        proxy.kill()
+        shutil.rmtree(short, ignore_errors=True)
+    cleanup_images.append(answer.image_tag)
+    handed = [e for e in answer.manifest.events if "handed to host host-a" in e]
+    print(f"\nengine died mid-build on host B: answered by {answer.docker_host} "
+          f"({answer.cache_source}) {took:.1f}s after the engine vanished; starts under "
+          f"the lock: {starts}; events: {handed}")
+    assert answer.docker_host == "host-a" and answer.cache_source == "built"
+    assert handed and starts == 2
+
+
 def test_a_job_parked_on_a_dead_holders_lock_is_woken(server: RedisServer,
                                                       workers: list[Worker], repo: Path,
                                                       tmp_path: Path,
