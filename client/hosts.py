@@ -185,17 +185,10 @@ def _routable(client: redis.Redis, exclude: frozenset[str] = frozenset()) -> lis
     ]
 
 
-def _routable_holding(
-    client: redis.Redis, profile_id: str, exclude: frozenset[str] = frozenset()
-) -> tuple[list[HostInfo], list[Any]]:
-    """The routable hosts (less ``exclude``), and whether each holds ``profile_id``."""
-    hosts = _routable(client, exclude)
-    if not hosts:
-        return [], []
-    pipe = client.pipeline(transaction=False)
+def _ask_held(pipe: Any, hosts: list[HostInfo], profile_id: str) -> None:
+    """Queue on ``pipe`` whether each of ``hosts`` holds ``profile_id``, in their order."""
     for host in hosts:
         pipe.sismember(HostKeys.images(host.host_id), profile_id)
-    return hosts, pipe.execute()
 
 
 def _choose(
@@ -254,8 +247,7 @@ class Router:
         """Queue on ``pipe`` whether each live host holds ``profile_id``; those hosts, in
         the order of the replies."""
         hosts = self.live()
-        for host in hosts:
-            pipe.sismember(HostKeys.images(host.host_id), profile_id)
+        _ask_held(pipe, hosts, profile_id)
         return hosts
 
     def choose(self, request: BuildRequest, hosts: list[HostInfo], held: list[Any]) -> str:
@@ -290,9 +282,12 @@ def handback_target(client: redis.Redis, profile_id: str, exclude: set[str]) -> 
     """The host a job should be handed to when the engine of the host that took it does
     not answer: a routable host not in ``exclude`` (the hosts it was already on), one that
     holds the image first, then the least loaded; None if there is none."""
-    hosts, held = _routable_holding(client, profile_id, frozenset(exclude))
+    hosts = _routable(client, frozenset(exclude))
     if not hosts:
         return None
+    pipe = client.pipeline(transaction=False)
+    _ask_held(pipe, hosts, profile_id)
+    held = pipe.execute()
     best = min(
         zip(hosts, held, strict=True),
         key=lambda pair: (not pair[1], len(pair[0].running) + pair[0].queued, pair[0].host_id),

@@ -4,11 +4,19 @@ make an engine vanish mid-stream."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import socket
+import tempfile
 import threading
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import pytest
 
 LABELS = ("org.pfbuild.profile_id", "org.pfbuild.variant", "org.pfbuild.dockerfile_sha256")
 
@@ -63,20 +71,17 @@ class EngineProxy:
     (the engine itself stops a build whose client went away)."""
 
     def __init__(self, path: str, target: str) -> None:
-        import socket
-
         self.path, self.target = path, target
+        self.url = f"unix://{path}"
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(path)
         self.server.listen(64)
-        self.conns: list[Any] = []
+        self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
         self.dead = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        import socket
-
         while True:
             try:
                 client, _ = self.server.accept()
@@ -94,7 +99,7 @@ class EngineProxy:
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     @staticmethod
-    def _pipe(a: Any, b: Any) -> None:
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
         try:
             while data := a.recv(65536):
                 b.sendall(data)
@@ -103,11 +108,9 @@ class EngineProxy:
         finally:
             for s in (a, b):
                 with contextlib.suppress(OSError):
-                    s.shutdown(2)
+                    s.shutdown(socket.SHUT_RDWR)
 
     def kill(self) -> None:
-        import os
-
         with self.lock:
             self.dead = True
             self.server.close()
@@ -115,5 +118,19 @@ class EngineProxy:
                 os.unlink(self.path)
             for s in self.conns:
                 with contextlib.suppress(OSError):
-                    s.shutdown(2)
+                    s.shutdown(socket.SHUT_RDWR)
                     s.close()
+
+
+@contextlib.contextmanager
+def engine_proxy(engine: Any) -> Iterator[EngineProxy]:
+    """An :class:`EngineProxy` in front of ``engine`` (a unix socket), killed at the end."""
+    if not engine.host.startswith("unix://"):
+        pytest.skip("the proxy stands in front of a unix socket")
+    short = Path(tempfile.mkdtemp(prefix="pfek-"))  # a socket path must be short
+    proxy = EngineProxy(str(short / "engine.sock"), engine.host.removeprefix("unix://"))
+    try:
+        yield proxy
+    finally:
+        proxy.kill()
+        shutil.rmtree(short, ignore_errors=True)

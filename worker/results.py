@@ -20,6 +20,11 @@ from pfbuild.client.queue import SIGNAL_DONE_LUA, Keys, PollingRedisBackend
 
 __all__ = ["ResultStore"]
 
+# How long the done list and the job's record stay when results never expire
+# (``result_expires`` 0): the signal is read at once, the record is only needed while the
+# job may still be waited on.
+_SIGNAL_TTL_WHEN_KEPT = 86400
+
 # KEYS: flight ('' for none), done list, job record, result; ARGV: job id, TTL of the
 # done list and record, encoded result, its TTL (0: none), 1 if the state is final.
 _STORE = (
@@ -89,7 +94,7 @@ class ResultStore(PollingRedisBackend):
             Keys.job(job_id),
             self.get_key_for_task(job_id),
             job_id,
-            ttl or 86400,
+            ttl or _SIGNAL_TTL_WHEN_KEPT,
             value,
             ttl,
             "1" if final else "0",

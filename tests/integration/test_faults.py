@@ -491,23 +491,14 @@ def test_an_engine_that_dies_mid_build_hands_the_job_on(server: RedisServer,
                                                        cleanup_images: list[str]) -> None:
     """Host B's engine vanishes while B builds (every connection to it dropped, the socket
     gone): the job is not failed but handed to host A, which builds it; one answer."""
-    import tempfile
+    from pfbuild.client.hosts import host_queue
+    from tests.hostsupport import engine_proxy
 
-    from pfbuild.client.queue import Keys as K
-    from tests.hostsupport import EngineProxy
-
-    if not docker_engine.host.startswith("unix://"):
-        pytest.skip("the proxy stands in front of a unix socket")
-    short = Path(tempfile.mkdtemp(prefix="pfek-"))  # a socket path must be short
-    proxy = EngineProxy(str(short / "b.sock"), docker_engine.host.removeprefix("unix://"))
-    try:
+    with engine_proxy(docker_engine) as proxy:
         _start(workers, ["host-a"], _env(server.url, tmp_path, PFBUILD_HOST_ID="host-a"),
                tmp_path)
         _start(workers, ["host-b"], _env(server.url, tmp_path, PFBUILD_HOST_ID="host-b",
-                                         PFBUILD_DOCKER_HOST=f"unix://{short}/b.sock"),
-               tmp_path)
-        from pfbuild.client.hosts import host_queue
-
+                                         PFBUILD_DOCKER_HOST=proxy.url), tmp_path)
         with BuildClient(server.url) as client:
             request = {"repo_dir": str(repo), "profile": _profile(repo, "sleep 20")}
             job = _send_to(client, request, host_queue("host-b"))
@@ -518,10 +509,7 @@ def test_an_engine_that_dies_mid_build_hands_the_job_on(server: RedisServer,
             killed = time.monotonic()
             answer = job.result(timeout=600)
             took = time.monotonic() - killed
-            starts = int(redis.Redis.from_url(server.url).get(K.starts(job.id)) or 0)
-    finally:
-        proxy.kill()
-        shutil.rmtree(short, ignore_errors=True)
+            starts = int(redis.Redis.from_url(server.url).get(Keys.starts(job.id)) or 0)
     cleanup_images.append(answer.image_tag)
     handed = [e for e in answer.manifest.events if "handed to host host-a" in e]
     print(f"\nengine died mid-build on host B: answered by {answer.docker_host} "

@@ -42,24 +42,17 @@ def test_ping_with_a_timeout_answers(docker_engine) -> None:  # type: ignore[no-
 def test_an_engine_gone_mid_build_is_engine_unavailable(docker_engine) -> None:  # type: ignore[no-untyped-def]
     """The build stream cut halfway (the engine's connection dropped) is the engine's
     failure, not an internal error; the engine stops the build it was running."""
-    import shutil
-    import tempfile
     import threading
     import uuid
-    from pathlib import Path
 
     from pfbuild.worker.engine import BuildSpec
     from tests.fakes import dockerfile_context
-    from tests.hostsupport import EngineProxy
+    from tests.hostsupport import engine_proxy
 
-    if not docker_engine.host.startswith("unix://"):
-        pytest.skip("the proxy stands in front of a unix socket")
-    short = Path(tempfile.mkdtemp(prefix="pfek-"))  # a socket path must be short
-    proxy = EngineProxy(str(short / "e.sock"), docker_engine.host.removeprefix("unix://"))
     marker = uuid.uuid4().hex
     lines: list[str] = []
-    try:
-        engine = DockerEngine(f"unix://{short}/e.sock", timeout=60)
+    with engine_proxy(docker_engine) as proxy:
+        engine = DockerEngine(proxy.url, timeout=60)
         dockerfile = f"FROM python:3.11-slim\nRUN echo {marker} && sleep 60\n"
         spec = BuildSpec(tag=f"pfgone/{marker}:latest", dockerfile="Dockerfile")
 
@@ -74,8 +67,5 @@ def test_an_engine_gone_mid_build_is_engine_unavailable(docker_engine) -> None: 
         with pytest.raises(EngineUnavailable, match="mid-build"):
             engine.build(dockerfile_context(dockerfile), spec, lines.append)
         killer.join()
-    finally:
-        proxy.kill()
-        shutil.rmtree(short, ignore_errors=True)
     assert any(marker in line for line in lines)  # it was cut inside the RUN step
     assert docker_engine.inspect(spec.tag) is None
