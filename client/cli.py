@@ -13,7 +13,6 @@ and readable progress on stderr when it is a terminal. Exit codes are named in
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pfbuild.client.console import emit, fail, settings_of
 from pfbuild.client.errors import BadRequest, ExitCode, JobTimeout, PfbuildError
 from pfbuild.client.inputs import JsonLimits, loads_strict
 from pfbuild.client.jobs import BuildClient, BuildJob
@@ -37,12 +37,9 @@ from pfbuild.client.top import top
 __all__ = [
     "Extensions",
     "app",
-    "emit",
-    "fail",
     "main",
     "parse_request",
     "read_stdin",
-    "settings_of",
 ]
 
 app = typer.Typer(
@@ -72,11 +69,6 @@ def _settings(ctx: typer.Context) -> None:
     ctx.obj = Settings()  # read once per command, passed down
 
 
-def settings_of(ctx: typer.Context) -> Settings:
-    settings = ctx.obj if isinstance(ctx.obj, Settings) else Settings()
-    return settings
-
-
 def parse_request(text: str | bytes, settings: Settings | None = None) -> BuildRequest:
     """A request from strict JSON; every problem is a BadRequest naming the field."""
     settings = settings or Settings()
@@ -87,17 +79,6 @@ def parse_request(text: str | bytes, settings: Settings | None = None) -> BuildR
 def read_stdin(settings: Settings) -> bytes:
     """stdin as bytes (decoded strictly later), one byte past the limit at most."""
     return sys.stdin.buffer.read(settings.max_request_bytes + 1)
-
-
-def emit(payload: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
-    sys.stdout.flush()
-
-
-def fail(exc: PfbuildError) -> typer.Exit:
-    """Print ``exc`` as one JSON error; the exit to raise."""
-    emit({"error": exc.to_info().model_dump(mode="json", exclude_none=True)})
-    return typer.Exit(exc.exit_code)
 
 
 def _read_request(

@@ -13,7 +13,7 @@ sends a request to a live host that holds its image (unless builds fill its slot
 new profile to the host picked by rendezvous hashing on its base image (builds of one
 base land where its layers are), unless jobs running, queued or just routed there fill
 its slots; else to the shared queue, as when no host is known. A live worker moves
-the jobs of a dead host's queue back to the shared queue (``pfbuild.worker.hosts``).
+the jobs of a dead host's queue back to the shared queue (``pfbuild.worker.farm.hosts``).
 
 A host whose engine does not answer (its heartbeat says ``engine_ok: false``) is live
 but routed nothing, as if it were dead; a job it took anyway (from the shared queue, or

@@ -210,7 +210,7 @@ def end_flight(client: redis.Redis, flight_key: str, job_id: str) -> bool:
 
 # Wake a job's waiters, end its flight if it still names the job, keep its record as long
 # as its answer. KEYS: flight ('' for none), done list, job record; ARGV: job id, TTL.
-# The worker's result store runs the same lines after the result (worker/results.py).
+# The worker's result store runs the same lines after the result (worker/farm/results.py).
 SIGNAL_DONE_LUA = """
 if KEYS[1] ~= '' and redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
 redis.call('rpush', KEYS[2], 1)

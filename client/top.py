@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import redis
 import typer
 
+from pfbuild.client.console import emit, fail, settings_of
 from pfbuild.client.errors import PfbuildError, QueueUnavailable
 from pfbuild.client.jobs import BuildClient
 from pfbuild.client.queue import QUEUE, Keys
@@ -165,8 +166,6 @@ def top(
     interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 2.0,
 ) -> None:
     """The farm at a glance: hosts, queue, running jobs, failures, cache hits, disk."""
-    from pfbuild.client.cli import emit, fail, settings_of
-
     try:
         with BuildClient(settings=settings_of(ctx)) as client:
             if as_json:

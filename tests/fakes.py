@@ -16,6 +16,7 @@ from pfbuild.client.errors import EngineUnavailable, ImageLoadFailed
 from pfbuild.client.models import BuildAnswer, BuildRequest
 from pfbuild.client.profile import validate_request
 from pfbuild.client.settings import Settings
+from pfbuild.worker.build.resolve import resolve_request
 from pfbuild.worker.engine import (
     BuildOutcome,
     BuildSpec,
@@ -25,7 +26,6 @@ from pfbuild.worker.engine import (
     Transfer,
 )
 from pfbuild.worker.pipeline import run_build
-from pfbuild.worker.resolve import resolve_request
 
 
 def image_tar(tag: str, payload: bytes, labels: dict[str, str] | None = None) -> bytes:
@@ -78,7 +78,7 @@ def eager_worker(
     threads."""
     from pfbuild.client.queue import make_celery
     from pfbuild.worker.celery_app import RESULT_STORE, configure_worker
-    from pfbuild.worker.tasks import register
+    from pfbuild.worker.farm.tasks import register
 
     app = make_celery(settings, url, backend=RESULT_STORE)
     configure_worker(app, settings)

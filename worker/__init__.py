@@ -1,11 +1,23 @@
 """pfbuild's worker side: the build pipeline over a real Docker engine, and the Celery
-app that runs it (``celery -A pfbuild.worker worker`` finds ``app`` here)."""
+app that runs it (``celery -A pfbuild.worker worker`` finds ``app`` here).
+
+The floor plan (imports run downward only; ``tests/test_layers.py`` checks it):
+
+1. foundations, here: ``engine`` (and ``imagewatch``), ``layout``, ``artifacts``, ``oplog``;
+2. ``caches/``: tarballs pfbuild saved, their trust records, the registry tier;
+3. ``build/``: resolve, render, context, the build and its ladder, failures, one run;
+4. ``pipeline``, here: reuse -> build -> publish;
+5. ``farm/``: the Celery task, locks, waits, liveness, results, hosts, progress;
+6. ``ops/``: metrics, hooks, garbage collection, the ``gc`` command;
+7. ``bench/``: the benchmarks and the real processes they start;
+8. the app, here: ``celery_app``, ``embedded`` (the in-process farm), ``cli``.
+"""
 
 from typing import Any
 
+from pfbuild.worker.build.resolve import resolve_request
 from pfbuild.worker.engine import DockerEngine, Engine
 from pfbuild.worker.pipeline import run_build
-from pfbuild.worker.resolve import resolve_request
 
 __all__ = ["DockerEngine", "Engine", "app", "resolve_request", "run_build"]
 

@@ -14,11 +14,11 @@ from celery import Celery, signals
 from pfbuild.client.errors import QueueUnavailable
 from pfbuild.client.queue import make_celery
 from pfbuild.client.settings import Settings
-from pfbuild.worker.hosts import install as install_host
-from pfbuild.worker.lockwait import start_sweeper
-from pfbuild.worker.ops import install as install_ops
-from pfbuild.worker.results import ResultStore
-from pfbuild.worker.tasks import register
+from pfbuild.worker.farm.hosts import install as install_host
+from pfbuild.worker.farm.lockwait import start_sweeper
+from pfbuild.worker.farm.results import ResultStore
+from pfbuild.worker.farm.tasks import register
+from pfbuild.worker.ops.hooks import install as install_ops
 
 __all__ = ["configure_worker", "create_app"]
 
@@ -38,7 +38,7 @@ def configure_worker(app: Celery, settings: Settings) -> None:
         # busy worker would wait behind it while another worker sits idle.
         worker_prefetch_multiplier=1,
         # Redis redelivers an unacked job after visibility_timeout. A running job's
-        # heartbeat keeps its delivery fresh in the unacked index (worker/liveness.py), and
+        # heartbeat keeps its delivery fresh in the unacked index (worker/farm/liveness.py), and
         # a redelivered copy is harmless, so this is short: a dead host's job comes back in
         # about visibility_timeout + 10 s, whatever the build's time limit (celery#5935).
         # Workers sweep for such orphans every 10 s (kombu's default scans only every

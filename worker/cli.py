@@ -12,12 +12,13 @@ from typing import Annotated, Any
 
 import typer
 
-from pfbuild.client.cli import Extensions, emit, fail, parse_request, read_stdin, settings_of
+from pfbuild.client.cli import Extensions, parse_request, read_stdin
+from pfbuild.client.console import emit, fail, settings_of
 from pfbuild.client.errors import PfbuildError
 from pfbuild.client.models import JobState
 from pfbuild.client.settings import Settings
-from pfbuild.worker.ops_cli import gc
-from pfbuild.worker.run import Progress, no_progress
+from pfbuild.worker.build.run import Progress, no_progress
+from pfbuild.worker.ops.cli import gc
 
 __all__ = ["register"]
 
@@ -45,9 +46,9 @@ def _progress_printer() -> Progress:
 
 def build(ctx: typer.Context) -> None:
     """Build one request read from stdin (the seed's contract); the answer goes to stdout."""
+    from pfbuild.worker.build.resolve import resolve_request
     from pfbuild.worker.engine import engine_from_settings
     from pfbuild.worker.pipeline import run_build
-    from pfbuild.worker.resolve import resolve_request
 
     settings = settings_of(ctx)
     try:
@@ -71,7 +72,7 @@ def base_image(
     pull: Annotated[bool, typer.Option(help="Try pulling from a registry first.")] = True,
 ) -> None:
     """Make the base image (python:X.Y-slim) from Debian's packages when it cannot be pulled."""
-    from pfbuild.worker.baseimage import ensure_base_image
+    from pfbuild.worker.build.baseimage import ensure_base_image
     from pfbuild.worker.engine import engine_from_settings
 
     settings = settings_of(ctx)
@@ -124,7 +125,7 @@ def worker(
 
 def register(app: typer.Typer, extensions: Extensions) -> None:
     """The ``pfbuild.cli`` entry point: add the worker's commands, lend the embedded farm."""
-    from pfbuild.worker.bench_cli import bench_app
+    from pfbuild.worker.bench.cli import bench_app
     from pfbuild.worker.embedded import embedded_farm
 
     app.command()(build)

@@ -1,10 +1,10 @@
 """One request, start to answer, in three steps: reuse → build → publish.
 
 - **reuse**: the image the engine already holds under the profile's tag, else the one
-  in the shared registry (``PFBUILD_REGISTRY``, :mod:`pfbuild.worker.registry`), else a
+  in the shared registry (``PFBUILD_REGISTRY``, :mod:`pfbuild.worker.caches.registry`), else a
   saved tarball streamed into the engine;
 - **build**: the Dockerfile built on the engine, climbing the retry ladder
-  (:mod:`pfbuild.worker.ladder`);
+  (:mod:`pfbuild.worker.build.ladder`);
 - **publish**: the new image saved as a tarball and pushed to the registry for other
   hosts, then the manifest and the answer.
 
@@ -41,13 +41,14 @@ from pfbuild.client.models import (
     Timings,
 )
 from pfbuild.client.settings import Settings
-from pfbuild.worker import cache, layout, registry
+from pfbuild.worker import layout
 from pfbuild.worker.artifacts import atomic_write_text, exclusive_lock
+from pfbuild.worker.build.ladder import LABEL_CONTEXT, LABEL_VARIANT, build_with_ladder
+from pfbuild.worker.build.render import VARIANTS, Variant
+from pfbuild.worker.build.resolve import ResolvedRequest, resolve_request
+from pfbuild.worker.build.run import BuildRun, Progress, no_progress
+from pfbuild.worker.caches import registry, tarball
 from pfbuild.worker.engine import Abort, Engine, ImageInfo
-from pfbuild.worker.ladder import LABEL_CONTEXT, LABEL_VARIANT, build_with_ladder
-from pfbuild.worker.render import VARIANTS, Variant
-from pfbuild.worker.resolve import ResolvedRequest, resolve_request
-from pfbuild.worker.run import BuildRun, Progress, no_progress
 
 __all__ = ["Progress", "ResolvedRequest", "resolve_request", "reuse_local", "run_build"]
 
@@ -229,12 +230,12 @@ def _pull(run: BuildRun) -> Image | None:
 
 
 def _load_tarball(run: BuildRun) -> Image | None:
-    found = cache.find_tarball(run.resolved.cache_dir, run.resolved.profile_id)
+    found = tarball.find_tarball(run.resolved.cache_dir, run.resolved.profile_id)
     if found is None:
         return None
     with run.stage(JobState.LOADING_TARBALL):
         try:
-            tarball, info = cache.load_tarball(run.engine, found, run.tag, trust=run.trust)
+            loaded, info = tarball.load_tarball(run.engine, found, run.tag, trust=run.trust)
         except TarballRejected as exc:
             run.events.append(
                 f"tarball {found} rejected ({exc.message}); moved to {exc.moved_to}; "
@@ -244,7 +245,7 @@ def _load_tarball(run: BuildRun) -> Image | None:
     run.cached = info
     if not _holds_this_code(run, info, "tarball"):
         return None
-    return Image(info, "tarball", _variant_of(info), tarball)
+    return Image(info, "tarball", _variant_of(info), loaded)
 
 
 def _build(run: BuildRun) -> Image:
@@ -257,24 +258,24 @@ def _publish(run: BuildRun, image: Image) -> Image:
     """Save a new image's tarball (atomically, the lock's fence in its name) and push it
     to the registry, for other hosts, only while locked. With a registry, the tarball is
     optional."""
-    tarball = pushed = None
+    saved = pushed = None
     if run.settings.tarball_cache or not run.settings.registry:
         with run.stage(JobState.SAVING_TARBALL):
-            tarball = _save_tarball(run)
+            saved = _save_tarball(run)
     if run.settings.registry:
         run.guard()  # a run that lost its lock publishes nothing
         with run.stage(JobState.PUSHING_IMAGE):
             pushed = registry.publish(
                 run.engine, run.settings, run.resolved.profile_id, run.events
             )
-    return Image(image.info, image.source, image.variant, tarball, pushed)
+    return Image(image.info, image.source, image.variant, saved, pushed)
 
 
 def _save_tarball(run: BuildRun) -> TarballInfo | None:
     """A save the disk refuses (full, read-only) leaves no file behind and does not fail
     the build: the image is in this engine, and the answer says the tarball was not saved."""
     try:
-        return cache.save_tarball(
+        return tarball.save_tarball(
             run.engine,
             run.tag,
             run.resolved.cache_dir,

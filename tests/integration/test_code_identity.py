@@ -15,7 +15,7 @@ import pytest
 from pfbuild.client.jobs import BuildClient
 from pfbuild.client.models import BuildAnswer, BuildRequest
 from pfbuild.client.settings import Settings
-from pfbuild.worker.localfarm import RedisServer, Worker
+from pfbuild.worker.bench.localfarm import RedisServer, Worker
 from tests.fakes import run_request
 
 pytestmark = pytest.mark.docker

@@ -23,7 +23,7 @@ from pfbuild.client.errors import JobLost
 from pfbuild.client.jobs import BuildClient, BuildJob
 from pfbuild.client.queue import JobState, Keys
 from pfbuild.client.settings import Settings
-from pfbuild.worker.localfarm import RedisServer, Worker
+from pfbuild.worker.bench.localfarm import RedisServer, Worker
 from tests.fakes import nonce_profile as _profile
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]

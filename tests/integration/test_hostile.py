@@ -277,7 +277,7 @@ def test_a_registry_symlink_is_not_read_through(repo: Path, tmp_path: Path,
 def test_a_registry_that_is_a_fifo_or_device_does_not_hang(
     repo: Path, settings: Settings, kind: str
 ) -> None:
-    from pfbuild.worker.failures import record_unsupported
+    from pfbuild.worker.build.failures import record_unsupported
 
     (repo / ".pf_manifest").mkdir()
     registry = repo / ".pf_manifest" / "unsupported_registry.json"
@@ -370,7 +370,7 @@ def test_a_planted_tarball_never_reaches_the_engine(
     ids=["fetch", "quoted", "fatal", "pywin-dist", "apt", "release", "pywin", "lines"],
 )
 def test_log_patterns_take_linear_time_on_a_megabyte(text: str) -> None:
-    from pfbuild.worker.failures import classify, read_symptoms
+    from pfbuild.worker.build.failures import classify, read_symptoms
 
     started = time.perf_counter()
     classify(text)
@@ -429,7 +429,7 @@ def test_read_bounded_refuses_what_is_not_a_small_regular_file(tmp_path: Path,
 
 
 def test_a_dockerignore_that_is_a_fifo_is_refused(repo: Path) -> None:
-    from pfbuild.worker.context import scan_context
+    from pfbuild.worker.build.context import scan_context
 
     os.mkfifo(repo / ".dockerignore")
     with pytest.raises(BadRequest, match="dockerignore"):

@@ -21,7 +21,7 @@ from pfbuild.client import hosts as routing
 from pfbuild.client.hosts import host_queue, list_hosts
 from pfbuild.client.jobs import BuildClient, BuildJob
 from pfbuild.client.queue import TASK_NAME, Keys, mark_sent
-from pfbuild.worker.localfarm import RedisServer, Worker
+from pfbuild.worker.bench.localfarm import RedisServer, Worker
 from tests.conftest import HOST_B_URL, missing
 from tests.hostsupport import BuildCounter, delete_from_registry
 

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pfbuild.client.errors import BuildFailed
 from pfbuild.client.jobs import BuildClient
 from pfbuild.client.queue import Keys
-from pfbuild.worker.localfarm import RedisServer, Worker, free_port
+from pfbuild.worker.bench.localfarm import RedisServer, Worker, free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 

@@ -20,7 +20,7 @@ import redis
 from pfbuild.client.errors import BadRequest, PfbuildError
 from pfbuild.client.jobs import BuildClient
 from pfbuild.client.queue import JobState, Keys
-from pfbuild.worker.localfarm import RedisServer, Worker
+from pfbuild.worker.bench.localfarm import RedisServer, Worker
 from tests.fakes import nonce_profile as _profile
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]

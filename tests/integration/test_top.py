@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from pfbuild.client.jobs import BuildClient
-from pfbuild.worker.localfarm import RedisServer, Worker
+from pfbuild.worker.bench.localfarm import RedisServer, Worker
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 

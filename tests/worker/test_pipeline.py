@@ -214,8 +214,8 @@ def test_a_hit_rewrites_the_manifest_only_when_the_image_changed(
         repo: Path, settings: Settings) -> None:
     """The manifest on disk records the image and how it was reached: hits that change
     nothing of it leave the file alone (the answer carries each request's own timings)."""
+    from pfbuild.worker.build.resolve import resolve_request
     from pfbuild.worker.pipeline import reuse_local
-    from pfbuild.worker.resolve import resolve_request
 
     engine = FakeEngine()
     built = run_request(_req(repo), settings, engine)

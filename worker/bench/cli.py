@@ -1,0 +1,118 @@
+"""``pfbuild bench``: benchmarks that print ratios measured side by side in one run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pfbuild.client.console import emit, settings_of
+
+__all__ = ["bench_app"]
+
+bench_app = typer.Typer(help="Benchmarks that print ratios measured side by side.")
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
+    Console(width=200).print(table)
+
+
+@bench_app.command("tarball")
+def bench_tarball(
+    ctx: typer.Context,
+    tag: Annotated[str, typer.Option(help="An image in the engine to save and load.")],
+    rounds: Annotated[int, typer.Option(help="Rounds to run.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """pfbuild's zstd tarball save/load vs `docker save`/`docker load`, and peak memory."""
+    from pfbuild.worker.bench.measures import tarball_bench
+
+    title = "tarball: pfbuild vs docker CLI"
+    rows = tarball_bench(settings_of(ctx), tag, rounds)
+    if as_json:
+        emit({"benchmark": title, "rows": rows})
+        return
+    # one row per measure, one column per round: the ratios read down a column
+    columns = ["measure", *(f"#{i + 1}" for i in range(len(rows)))]
+    _print_table(title, columns, [[key, *(row[key] for row in rows)] for key in rows[0]])
+
+
+@bench_app.command("queue")
+def bench_queue(
+    ctx: typer.Context,
+    repo: Annotated[Path, typer.Option(help="Repository with a repo_profile.json.")] = Path(
+        "examples/hello"
+    ),
+    rounds: Annotated[int, typer.Option(help="Cache-hit rounds.")] = 20,
+    builds: Annotated[int, typer.Option(help="Real-build rounds.")] = 2,
+    submits: Annotated[int, typer.Option(help="Concurrent submits of one profile.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """The queue's overhead, on a redis-server and a celery worker it starts itself."""
+    from pfbuild.worker.bench.measures import queue_bench
+
+    rows = queue_bench(settings_of(ctx), repo, rounds=rounds, builds=builds, submits=submits)
+    if as_json:
+        emit({"benchmark": "queue", "rows": rows})
+        return
+    columns = ["measure", "baseline_s", "pfbuild_s", "ratio", "goal"]
+    _print_table(
+        "queue: pfbuild vs baseline (same run)",
+        columns,
+        [[row[c] for c in columns] for row in rows],
+    )
+
+
+@bench_app.command("digest")
+def bench_digest(
+    megabytes: Annotated[int, typer.Option(help="Size of the tree.")] = 200,
+    files: Annotated[int, typer.Option(help="Files in the tree.")] = 2000,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """The context digest's cost per MB of tree, cold and warm (stat cache)."""
+    from pfbuild.worker.bench.measures import digest_bench
+
+    rows = digest_bench(megabytes, files)
+    if as_json:
+        emit({"benchmark": "digest", "rows": rows})
+        return
+    columns = list(rows[0])
+    _print_table("context digest", columns, [[row[c] for c in columns] for row in rows])
+
+
+@bench_app.command("hosts")
+def bench_hosts(
+    ctx: typer.Context,
+    host_b: Annotated[str, typer.Option(help="The second engine (DOCKER_HOST syntax).")],
+    registry: Annotated[
+        str | None, typer.Option(help="host:port of the registry (default PFBUILD_REGISTRY).")
+    ] = None,
+    repo: Annotated[Path, typer.Option(help="Repository with a repo_profile.json.")] = Path(
+        "examples/hello"
+    ),
+    profiles: Annotated[int, typer.Option(help="Distinct profiles.")] = 20,
+    submits: Annotated[int, typer.Option(help="Submits of each profile.")] = 10,
+) -> None:
+    """Two engines, a registry: builds per profile, hits on a holder, registry vs tarball."""
+    from pfbuild.client.console import fail
+    from pfbuild.client.errors import BadRequest
+    from pfbuild.worker.bench.hosts import hosts_bench
+
+    settings = settings_of(ctx)
+    registry = registry or settings.registry
+    if not registry:
+        raise fail(BadRequest("give --registry or set PFBUILD_REGISTRY"))
+    settings = settings.model_copy(update={"registry": registry})
+    result = hosts_bench(
+        settings, repo, host_b=host_b, registry=registry, profiles=profiles, submits=submits
+    )
+    emit({"benchmark": "hosts", **result})
