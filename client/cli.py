@@ -26,10 +26,10 @@ from typing import Annotated, Any
 import typer
 
 from pfbuild.client.console import emit, fail, settings_of
-from pfbuild.client.errors import BadRequest, ExitCode, JobTimeout, PfbuildError
+from pfbuild.client.errors import BadRequest, ExitCode, JobTimeout, NoWorkers, PfbuildError
 from pfbuild.client.inputs import JsonLimits, loads_strict
 from pfbuild.client.jobs import BuildClient, BuildJob
-from pfbuild.client.models import BuildAnswer, BuildRequest
+from pfbuild.client.models import BuildAnswer, BuildRequest, JobState
 from pfbuild.client.profile import validate_request
 from pfbuild.client.settings import Settings
 from pfbuild.client.top import top
@@ -125,6 +125,47 @@ def _watch(job: BuildJob, timeout: float | None, show: bool) -> BuildAnswer:
             time.sleep(0.3)
 
 
+def _report_idle_queue(job: BuildJob, keep_waiting: bool) -> None:
+    """If ``job`` still sits queued on a Redis that no worker consumes, say so on stderr
+    (one JSON object) and raise NoWorkers, unless ``keep_waiting``."""
+    client = job.client
+    if job.status().state is not JobState.QUEUED or client.workers_alive():
+        return
+    from kombu.utils.url import maybe_sanitize_url  # no password in the message
+
+    url = str(maybe_sanitize_url(client.url))
+    then = "waiting for one (--wait-for-workers)" if keep_waiting else "giving up waiting"
+    err = NoWorkers(
+        f"job {job.id} is queued on {url}, which no worker consumes; {then}. Start workers "
+        "on that Redis, or point PFBUILD_REDIS_URL at the farm's (the compose farm's is "
+        f"redis://127.0.0.1:6380/0). The job stays queued: `pfbuild wait {job.id}`.",
+        details={"job_id": job.id, "profile_id": job.profile_id, "redis_url": url,
+                 "waiting": keep_waiting},
+    )
+    warning = err.to_info().model_dump(mode="json", exclude_none=True)
+    sys.stderr.write(json.dumps({"warning": warning}) + "\n")
+    sys.stderr.flush()
+    if not keep_waiting:
+        raise err
+
+
+def _await(job: BuildJob, timeout: float | None, show: bool, keep_waiting: bool) -> BuildAnswer:
+    """:func:`_watch`, asking once, after ``no_worker_grace`` seconds without an answer,
+    whether any worker consumes the queue (an answer within the grace costs nothing more)."""
+    settings = job.client.settings
+    limit = settings.wait_timeout if timeout is None else timeout
+    grace = settings.no_worker_grace
+    if grace <= 0 or limit <= grace:
+        return _watch(job, limit, show)
+    started = time.monotonic()
+    try:
+        return _watch(job, grace, show)
+    except JobTimeout:
+        pass
+    _report_idle_queue(job, keep_waiting)
+    return _watch(job, max(0.0, limit - (time.monotonic() - started)), show)
+
+
 def _submit_embedded(
     settings: Settings, request: BuildRequest, timeout: float | None, show: bool
 ) -> BuildAnswer:
@@ -158,10 +199,15 @@ def submit(
     wait: Annotated[bool, typer.Option(help="Wait and print the answer.")] = False,
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait at most.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine output only.")] = False,
+    wait_for_workers: Annotated[
+        bool, typer.Option(help="Keep waiting when no worker consumes the Redis (else exit 5).")
+    ] = False,
 ) -> None:
     """Submit a build (a request on stdin, or flags) to the farm; --wait for its answer.
 
     With no PFBUILD_REDIS_URL, --wait runs an embedded broker and worker in this process.
+    A job still queued after a second or two on a Redis that no worker consumes is
+    reported on stderr, and --wait ends with NoWorkers (exit 5) unless --wait-for-workers.
     """
     settings = settings_of(ctx)
     show = not as_json and sys.stderr.isatty()
@@ -180,7 +226,8 @@ def submit(
                 if not wait:
                     emit({"job_id": job.id, "profile_id": job.profile_id, "joined": job.joined})
                     return
-                answer = _watch(job, timeout, show)
+                keep = wait_for_workers or settings.wait_for_workers
+                answer = _await(job, timeout, show, keep)
     except PfbuildError as exc:
         raise fail(exc) from None
     emit(answer.model_dump(mode="json"))

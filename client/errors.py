@@ -21,6 +21,7 @@
     ├── DeliveriesExhausted         the job's worker died on every delivery; given up
     ├── InternalError               a bug in pfbuild; the message names the exception
     ├── QueueUnavailable            the broker / result backend cannot be reached
+    │   └── NoWorkers               a job sits queued on a Redis no worker consumes
     ├── JobTimeout                  waiting for a job took longer than asked
     ├── JobLost                     the job no longer exists: never sent, or wiped with Redis
     └── JobCancelled                the job was revoked before it finished
@@ -55,6 +56,7 @@ __all__ = [
     "LimitExceeded",
     "LockLost",
     "LockWaitExceeded",
+    "NoWorkers",
     "PfbuildError",
     "ProfileRefused",
     "QueueUnavailable",
@@ -265,6 +267,14 @@ class QueueUnavailable(PfbuildError):
 
     type = "queue_unavailable"
     exit_code = ExitCode.QUEUE_UNAVAILABLE
+
+
+class NoWorkers(QueueUnavailable):
+    """The job is queued on a Redis that no worker consumes (no live host, no answer to a
+    ping): start workers there, or point PFBUILD_REDIS_URL at the farm's Redis. The job
+    stays queued; ``details`` name it and the Redis."""
+
+    type = "no_workers"
 
 
 class JobTimeout(PfbuildError):

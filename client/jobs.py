@@ -34,7 +34,7 @@ from pfbuild.client.errors import (
     PfbuildError,
     QueueUnavailable,
 )
-from pfbuild.client.hosts import Router
+from pfbuild.client.hosts import Router, list_hosts
 from pfbuild.client.models import BuildAnswer, BuildRequest, JobState
 from pfbuild.client.profile import load_profile_file, parse_profile, validate_request
 from pfbuild.client.queue import (
@@ -313,6 +313,16 @@ class BuildClient:
 
     def job(self, job_id: str) -> BuildJob:
         return BuildJob(self, job_id)
+
+    def workers_alive(self, ping_timeout: float = 1.0) -> bool:
+        """Whether any worker consumes this Redis: a live host in the hosts registry (one
+        read), else a worker answering Celery's ping within ``ping_timeout`` seconds."""
+        try:
+            if any(h.alive for h in list_hosts(self.redis, with_images=False)):
+                return True
+            return bool(self.app.control.ping(timeout=ping_timeout))
+        except (redis.RedisError, OperationalError) as exc:
+            raise QueueUnavailable(f"cannot reach Redis at {self.url}: {exc}") from None
 
     def _prepare(self, request: BuildRequest | dict[str, Any]) -> tuple[BuildRequest, str]:
         req = validate_request(request, self.settings)

@@ -69,6 +69,18 @@ class Settings(BaseSettings):
         default=4 * 3600.0,
         description="Seconds `result()` and `--wait` wait for an answer when not told.",
     )
+    no_worker_grace: float = Field(
+        default=1.5,
+        ge=0,
+        description="Seconds `submit --wait` waits for a job to leave `queued` before it "
+        "asks whether any worker consumes this Redis (live hosts, then a ping); with none, "
+        "it reports NoWorkers (exit 5) unless told to wait for workers. 0: never asks.",
+    )
+    wait_for_workers: bool = Field(
+        default=False,
+        description="`submit --wait` keeps waiting when no worker consumes this Redis, "
+        "after saying so on stderr (as `--wait-for-workers`).",
+    )
     redis_socket_timeout: float = Field(
         default=2.0,
         description="Seconds any Redis call of a client may take (connect or reply), so "
