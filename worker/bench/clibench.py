@@ -152,10 +152,10 @@ def cli_bench(settings: Settings, repo: Path, rounds: int = 20) -> list[Row]:
     """Build the profile once (through ``pfbuild build``), start a farm, then time every
     command's hit in ``rounds`` alternating rounds; the rows of :data:`GOALS`."""
     import pfbuild.client
-    import pfbuild.worker
 
-    for package in (pfbuild.client, pfbuild.worker):
-        compileall.compile_dir(str(Path(str(package.__file__)).parent), quiet=1)
+    worker_dir = Path(__file__).resolve().parent.parent
+    for folder in (Path(str(pfbuild.client.__file__)).parent, worker_dir):
+        compileall.compile_dir(str(folder), quiet=1)
     env = {k: v for k, v in os.environ.items() if k != "PFBUILD_REDIS_URL"}
     with _workspace(repo) as (work, request, tag):
         env["PFBUILD_TMP_DIR"] = str(work / "pf-tmp")
