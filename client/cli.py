@@ -1,9 +1,15 @@
 """The ``pfbuild`` command line: parsing here, doing elsewhere.
 
-The client's commands (``submit``, ``status``, ``wait``, ``logs``, ``cancel``) live here.
-The worker's (``build``, ``base-image``, ``worker``, ``bench``) live in the worker package
-and join this one command through the ``pfbuild.cli`` entry point when the worker's
-extras are installed, so this package never imports the worker.
+The client's commands (``submit``, ``status``, ``wait``, ``logs``, ``cancel``, ``hosts``,
+``top``) live here. The worker's (``build``, ``base-image``, ``worker``, ``bench``, ``gc``)
+live in the worker package and join this one command through the ``pfbuild.cli`` entry
+point when the worker's extras are installed, so this package never imports the worker.
+
+Start-up is paid for what a command uses (docs/design.md, "Start-up"): a client command
+loads no entry point (so nothing of the worker, the docker SDK or requests), and each
+command imports the queue, the client library or ``rich`` only when it runs. The embedded
+default loads the worker's part only when it is needed, and answers a hit through it
+without starting a broker (:func:`_submit_embedded`).
 
 Every command prints JSON on stdout for machines (the answer, or ``{"error": {...}}``)
 and readable progress on stderr when it is a terminal. Exit codes are named in
@@ -21,20 +27,20 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from pfbuild.client.console import emit, fail, settings_of
 from pfbuild.client.errors import BadRequest, ExitCode, JobTimeout, NoWorkers, PfbuildError
-from pfbuild.client.inputs import JsonLimits, loads_strict
-from pfbuild.client.jobs import BuildClient, BuildJob
-from pfbuild.client.models import BuildAnswer, BuildRequest, JobState
-from pfbuild.client.profile import validate_request
 from pfbuild.client.settings import Settings
-from pfbuild.client.top import top
+
+if TYPE_CHECKING:
+    from pfbuild.client.jobs import BuildJob
+    from pfbuild.client.models import BuildAnswer, BuildRequest
 
 __all__ = [
+    "CLIENT_COMMANDS",
     "Extensions",
     "app",
     "main",
@@ -58,9 +64,16 @@ class Extensions:
 
     # ``embedded_farm(settings)`` yields the URL of an in-process broker with a worker
     embedded_farm: Callable[[Settings], AbstractContextManager[str]] | None = None
+    # ``embedded_hit(settings, request)``: the answer when the local engine already holds
+    # this very code (the pipeline's own hit check), else None: something must be built
+    embedded_hit: Callable[[Settings, BuildRequest], BuildAnswer | None] | None = None
+    loaded: bool = False  # whether the entry points were loaded into this one
 
 
 EXTENSIONS = Extensions()
+
+# The commands defined here: running one loads no entry point (no worker, no docker SDK).
+CLIENT_COMMANDS = frozenset({"submit", "status", "wait", "logs", "cancel", "hosts", "top"})
 
 
 @app.callback()
@@ -71,6 +84,9 @@ def _settings(ctx: typer.Context) -> None:
 
 def parse_request(text: str | bytes, settings: Settings | None = None) -> BuildRequest:
     """A request from strict JSON; every problem is a BadRequest naming the field."""
+    from pfbuild.client.inputs import JsonLimits, loads_strict
+    from pfbuild.client.profile import validate_request
+
     settings = settings or Settings()
     data = loads_strict(text, what="the request", limits=JsonLimits.of(settings))
     return validate_request(data, settings)
@@ -88,6 +104,8 @@ def _read_request(
     cache_dir: str | None,
     settings: Settings,
 ) -> BuildRequest:
+    from pfbuild.client.profile import validate_request
+
     if repo_dir is None:
         if sys.stdin.isatty():
             raise BadRequest("give --repo-dir and --profile, or a request object on stdin")
@@ -128,6 +146,8 @@ def _watch(job: BuildJob, timeout: float | None, show: bool) -> BuildAnswer:
 def _report_idle_queue(job: BuildJob, keep_waiting: bool) -> None:
     """If ``job`` still sits queued on a Redis that no worker consumes, say so on stderr
     (one JSON object) and raise NoWorkers, unless ``keep_waiting``."""
+    from pfbuild.client.models import JobState
+
     client = job.client
     if job.status().state is not JobState.QUEUED or client.workers_alive():
         return
@@ -169,7 +189,20 @@ def _await(job: BuildJob, timeout: float | None, show: bool, keep_waiting: bool)
 def _submit_embedded(
     settings: Settings, request: BuildRequest, timeout: float | None, show: bool
 ) -> BuildAnswer:
-    """Build on an in-process broker and worker (no PFBUILD_REDIS_URL)."""
+    """No PFBUILD_REDIS_URL: answer a hit on the local engine at once, else build on an
+    in-process broker and worker.
+
+    The hit is the pipeline's own hit check (profile, context digest, the image's labels),
+    which takes no lock, as in the farm; anything else (a miss, a forced rebuild) goes
+    through the queue under the profile lock, so the broker and worker start only when
+    something must be built."""
+    _load_extensions()
+    if EXTENSIONS.embedded_hit is not None:
+        answer = EXTENSIONS.embedded_hit(settings, request)
+        if answer is not None:
+            return answer
+    from pfbuild.client.jobs import BuildClient
+
     if EXTENSIONS.embedded_farm is None:
         raise BadRequest(
             "PFBUILD_REDIS_URL is not set and the worker is not installed here: point "
@@ -221,6 +254,8 @@ def submit(
                 )
             answer = _submit_embedded(settings, request, timeout, show)
         else:
+            from pfbuild.client.jobs import BuildClient
+
             with BuildClient(settings=settings) as client:
                 job = client.submit(request)
                 if not wait:
@@ -237,6 +272,8 @@ def _on_job(
     ctx: typer.Context, job_id: str, act: Callable[[BuildJob], dict[str, Any] | None]
 ) -> None:
     """Run ``act`` on one job of the farm; print what it returns, or the error."""
+    from pfbuild.client.jobs import BuildClient
+
     try:
         with BuildClient(settings=settings_of(ctx)) as client:
             out = act(client.job(job_id))
@@ -291,7 +328,16 @@ def cancel(ctx: typer.Context, job_id: str) -> None:
     _on_job(ctx, job_id, cancel_job)
 
 
-app.command()(top)
+@app.command("top")
+def top_cmd(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="One snapshot as JSON.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 2.0,
+) -> None:
+    """The farm at a glance: hosts, queue, running jobs, failures, cache hits, disk."""
+    from pfbuild.client.top import top
+
+    top(ctx, as_json, interval)
 
 
 @app.command()
@@ -304,6 +350,7 @@ def hosts(
 
     from pfbuild.client.errors import QueueUnavailable
     from pfbuild.client.hosts import list_hosts
+    from pfbuild.client.jobs import BuildClient
 
     try:
         with BuildClient(settings=settings_of(ctx)) as client:
@@ -336,16 +383,27 @@ def hosts(
 
 
 def _load_extensions() -> None:
-    """Let installed packages (the worker) add their commands and lend their parts."""
+    """Let installed packages (the worker) add their commands and lend their parts; once."""
+    if EXTENSIONS.loaded:
+        return
+    EXTENSIONS.loaded = True
     for entry in entry_points(group="pfbuild.cli"):
         # ImportError: its extras (the docker SDK, ...) are not installed here
         with contextlib.suppress(ImportError):
             entry.load()(app, EXTENSIONS)
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The command ``argv`` names (the group itself takes no option but --help)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code instead of calling ``sys.exit`` itself."""
-    _load_extensions()
+    """Entry point; returns the exit code instead of calling ``sys.exit`` itself.
+
+    A client command loads no entry point: its start-up is the client's alone."""
+    if _command_of(sys.argv[1:] if argv is None else argv) not in CLIENT_COMMANDS:
+        _load_extensions()
     try:
         app(args=argv, prog_name="pfbuild")  # standalone: usage errors print one line, exit 2
     except SystemExit as exc:

@@ -13,13 +13,26 @@ The floor plan (imports run downward only; ``tests/test_layers.py`` checks it):
 8. the app, here: ``celery_app``, ``embedded`` (the in-process farm), ``cli``.
 """
 
-from typing import Any
+from __future__ import annotations
 
-from pfbuild.worker.build.resolve import resolve_request
-from pfbuild.worker.engine import DockerEngine, Engine
-from pfbuild.worker.pipeline import run_build
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pfbuild.worker.build.resolve import resolve_request
+    from pfbuild.worker.engine import DockerEngine, Engine
+    from pfbuild.worker.pipeline import run_build
 
 __all__ = ["DockerEngine", "Engine", "app", "resolve_request", "run_build"]
+
+# Loaded on first use (PEP 562): importing any module of the worker runs this file first,
+# and a command that needs one room must not pay for the docker SDK of another.
+_HOME = {
+    "DockerEngine": "engine",
+    "Engine": "engine",
+    "resolve_request": "build.resolve",
+    "run_build": "pipeline",
+}
 
 _app: Any = None
 
@@ -33,4 +46,6 @@ def __getattr__(name: str) -> Any:
 
             _app = create_app()
         return _app
+    if name in _HOME:
+        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
     raise AttributeError(name)

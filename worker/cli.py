@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -17,14 +17,18 @@ from pfbuild.client.console import emit, fail, settings_of
 from pfbuild.client.errors import PfbuildError
 from pfbuild.client.models import JobState
 from pfbuild.client.settings import Settings
-from pfbuild.worker.build.run import Progress, no_progress
 from pfbuild.worker.ops.cli import gc
+
+if TYPE_CHECKING:
+    from pfbuild.worker.build.run import Progress
 
 __all__ = ["register"]
 
 
 def _progress_printer() -> Progress:
     """Stage changes (and build steps) written to a terminal; nothing otherwise."""
+    from pfbuild.worker.build.run import no_progress
+
     if not sys.stderr.isatty():
         return no_progress
     from rich.console import Console
@@ -45,16 +49,20 @@ def _progress_printer() -> Progress:
 
 
 def build(ctx: typer.Context) -> None:
-    """Build one request read from stdin (the seed's contract); the answer goes to stdout."""
+    """Build one request read from stdin (the seed's contract); the answer goes to stdout.
+
+    A hit is the pipeline's hit check alone (no lock, as in the farm); anything else runs
+    the whole pipeline under the profile's lock on this host."""
     from pfbuild.worker.build.resolve import resolve_request
     from pfbuild.worker.engine import engine_from_settings
-    from pfbuild.worker.pipeline import run_build
+    from pfbuild.worker.pipeline import reuse_local, run_build
 
     settings = settings_of(ctx)
     try:
         resolved = resolve_request(parse_request(read_stdin(settings), settings), settings)
-        answer = run_build(
-            resolved, settings, engine_from_settings(settings), progress=_progress_printer()
+        engine = engine_from_settings(settings)
+        answer = reuse_local(resolved, settings, engine) or run_build(
+            resolved, settings, engine, progress=_progress_printer()
         )
     except PfbuildError as exc:
         raise fail(exc) from None
@@ -126,7 +134,7 @@ def worker(
 def register(app: typer.Typer, extensions: Extensions) -> None:
     """The ``pfbuild.cli`` entry point: add the worker's commands, lend the embedded farm."""
     from pfbuild.worker.bench.cli import bench_app
-    from pfbuild.worker.embedded import embedded_farm
+    from pfbuild.worker.embedded import answer_hit, embedded_farm
 
     app.command()(build)
     app.command("base-image")(base_image)
@@ -134,3 +142,4 @@ def register(app: typer.Typer, extensions: Extensions) -> None:
     app.command()(gc)
     app.add_typer(bench_app, name="bench")
     extensions.embedded_farm = embedded_farm
+    extensions.embedded_hit = answer_hit

@@ -3,6 +3,13 @@
 With no ``PFBUILD_REDIS_URL``, ``pfbuild submit --wait`` needs no Redis: fakeredis serves
 the Redis protocol on a loopback port and a threaded Celery worker runs the same task
 code a real worker does, so the README's main command goes through the real queue path.
+
+A hit needs none of that: :func:`answer_hit` asks the pipeline's own hit check
+(:func:`pfbuild.worker.pipeline.reuse_local`: the profile's tag on the local engine, its
+context digest label against the request's code) before anything starts. The farm's
+worker answers a hit the same way, before any lock or record; everything else (a miss, a
+forced rebuild, a tarball or registry copy to fetch) goes through the embedded queue,
+under the profile lock.
 """
 
 from __future__ import annotations
@@ -10,10 +17,32 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from pfbuild.client.settings import Settings
 
-__all__ = ["embedded_farm", "fake_redis_server"]
+if TYPE_CHECKING:
+    from pfbuild.client.models import BuildAnswer, BuildRequest
+
+__all__ = ["answer_hit", "embedded_farm", "fake_redis_server"]
+
+
+def answer_hit(settings: Settings, request: BuildRequest) -> BuildAnswer | None:
+    """The answer when the local engine's tag holds this very code, with no broker or
+    worker started; None when something must be built (or fetched) under the lock.
+
+    Raises what the worker's hit path raises: BadRequest for a request the worker would
+    refuse, EngineUnavailable when the engine does not answer (the embedded farm has no
+    other host to hand the job to)."""
+    if request.force_rebuild:
+        return None
+    # imported here: the client's commands load this module without the docker SDK
+    from pfbuild.worker.build.resolve import resolve_request
+    from pfbuild.worker.engine import engine_from_settings
+    from pfbuild.worker.pipeline import reuse_local
+
+    resolved = resolve_request(request, settings)
+    return reuse_local(resolved, settings, engine_from_settings(settings))
 
 
 @contextmanager

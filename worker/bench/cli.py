@@ -72,6 +72,29 @@ def bench_queue(
     )
 
 
+@bench_app.command("cli")
+def bench_cli(
+    ctx: typer.Context,
+    repo: Annotated[Path, typer.Option(help="Repository with a repo_profile.json.")] = Path(
+        "examples/hello"
+    ),
+    rounds: Annotated[int, typer.Option(help="Alternating rounds.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """A hit through the command line (embedded, `build`, farm) vs the docker SDK script
+    and the interpreter's start-up, in alternating rounds of fresh processes."""
+    from pfbuild.worker.bench.clibench import cli_bench
+
+    rows = cli_bench(settings_of(ctx), repo, rounds)
+    if as_json:
+        emit({"benchmark": "cli", "rows": rows})
+        return
+    columns = ["measure", "baseline", "wall_s", "baseline_wall_s", "ratio_wall", "cpu_s",
+               "baseline_cpu_s", "ratio_cpu", "goal", "met"]
+    _print_table("cli: a hit through the command line (same run)", columns,
+                 [[row[c] for c in columns] for row in rows])
+
+
 @bench_app.command("digest")
 def bench_digest(
     megabytes: Annotated[int, typer.Option(help="Size of the tree.")] = 200,
