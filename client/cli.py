@@ -19,6 +19,7 @@ and readable progress on stderr when it is a terminal. Exit codes are named in
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
