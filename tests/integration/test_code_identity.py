@@ -16,7 +16,8 @@ from pfbuild.client.jobs import BuildClient
 from pfbuild.client.models import BuildAnswer, BuildRequest
 from pfbuild.client.settings import Settings
 from pfbuild.worker.bench.localfarm import RedisServer, Worker
-from tests.fakes import run_request
+from pfbuild.worker.engine import DockerEngine
+from tests.fakes import drop_image, run_request
 
 pytestmark = pytest.mark.docker
 
@@ -55,13 +56,20 @@ def test_two_repositories_with_one_profile_get_their_own_code(
     profile = _profile()
     a = _build(_repo(tmp_path, "a", "code of A"), profile, settings, docker_engine, cleanup_images)
     b = _build(_repo(tmp_path, "b", "code of B"), profile, settings, docker_engine, cleanup_images)
-    assert a.profile_id == b.profile_id and a.image_tag == b.image_tag
+    assert a.profile_id == b.profile_id and a.image_tag != b.image_tag
     assert (a.cache_source, b.cache_source) == ("built", "built")
     assert a.context_sha256 != b.context_sha256 and a.image_id != b.image_id
     assert any("context changed" in e for e in b.manifest.events)
     assert _marker_in(a.image_id) == "code of A" and _marker_in(b.image_id) == "code of B"
-    # the tag names the newest build for the profile
+    # each answer's tag names its own code; :latest names the newest build of the profile
+    assert a.image_tag == settings.code_tag(a.profile_id, a.context_sha256)
+    assert docker_engine.inspect(a.image_tag).id == a.image_id
     assert docker_engine.inspect(b.image_tag).id == b.image_id
+    assert docker_engine.inspect(settings.image_tag(a.profile_id)).id == b.image_id
+    assert _marker_in(a.image_tag) == "code of A"
+    # A again: a hit on its code tag, though :latest names B's image
+    again = _build(tmp_path / "a", profile, settings, docker_engine, cleanup_images)
+    assert (again.cache_source, again.image_id) == ("local", a.image_id)
 
 
 def test_an_edit_is_built_and_an_ignored_edit_is_a_hit(
@@ -86,7 +94,7 @@ def test_a_tarball_of_other_code_is_not_a_hit(
     profile = _profile()
     a = _build(_repo(tmp_path, "a", "code of A"), profile, settings, docker_engine, cleanup_images)
     assert a.manifest.tarball is not None
-    docker_engine.remove(a.image_tag)  # another host: the image only in the shared tarball
+    drop_image(docker_engine, a.image_tag)  # another host: the image only in the shared tarball
     b = _build(_repo(tmp_path, "b", "code of B"), profile, settings, docker_engine, cleanup_images)
     assert (b.cache_source, b.reused_cache) == ("built", False)
     assert any("tarball image" in e and "context changed" in e for e in b.manifest.events)
@@ -107,7 +115,7 @@ def farm(docker_engine, tmp_path: Path) -> Iterator[str]:  # type: ignore[no-unt
         server.stop()
 
 
-def test_concurrent_submits_of_two_repositories_get_two_correct_answers(
+def test_concurrent_submits_of_two_trees_of_one_profile_name_their_own_images(
         farm: str, tmp_path: Path, cleanup_images: list[str]) -> None:
     profile = _profile()
     repos = {m: _repo(tmp_path, m.replace(" ", "-"), m) for m in ("code of A", "code of B")}
@@ -118,7 +126,12 @@ def test_concurrent_submits_of_two_repositories_get_two_correct_answers(
         jobs = list(pool.map(client.submit, requests))
         assert len({j.id for j in jobs}) == 2  # one flight per repository, not per profile
         answers = [j.result(timeout=900) for j in jobs]
-    cleanup_images.append(answers[0].image_tag)
+    cleanup_images.extend(a.image_tag for a in answers)
+    assert len({a.image_tag for a in answers}) == 2 and len({a.image_id for a in answers}) == 2
+    engine = DockerEngine(Settings().docker_host_name())
     for request, answer in zip(requests, answers, strict=True):
-        assert _marker_in(answer.image_id) == Path(request["repo_dir"]).joinpath(
-            "marker.txt").read_text()
+        marker = Path(request["repo_dir"]).joinpath("marker.txt").read_text()
+        # checked after both built: each answer's tag still names the image of its tree
+        assert engine.inspect(answer.image_tag).id == answer.image_id  # type: ignore[union-attr]
+        assert _marker_in(answer.image_tag) == marker
+        assert _marker_in(answer.image_id) == marker

@@ -35,9 +35,9 @@ from celery.signals import worker_ready, worker_shutdown
 from kombu.entity import Queue
 
 from pfbuild.client.errors import EngineUnavailable
-from pfbuild.client.hosts import HOSTS, HostKeys, host_queue, list_hosts
+from pfbuild.client.hosts import HOSTS, HostKeys, held_code, host_queue, list_hosts
 from pfbuild.client.queue import QUEUE
-from pfbuild.client.settings import Settings
+from pfbuild.client.settings import LATEST, Settings, is_code
 from pfbuild.worker.engine import DockerEngine, Engine
 
 __all__ = ["HostAgent", "install", "rescue"]
@@ -172,26 +172,34 @@ class HostAgent:
             except Exception as exc:  # a Redis or engine blip: try again next beat
                 log.warning("host %s: heartbeat failed: %s", self.host_id, exc)
 
-    def held_profiles(self) -> set[str]:
+    def held(self) -> tuple[set[str], set[str]]:
+        """The profiles whose images the engine holds (under ``:latest`` or a code tag),
+        and the code tags it holds (as ``{profile_id}:{code}``)."""
         prefix = f"{self.settings.image_repository}/"
-        return {
-            tag[len(prefix) :].rpartition(":")[0]
-            for tag in self.engine().tags(self.settings.image_repository)
-            if tag.endswith(":latest")
-        }
+        profiles, codes = set(), set()
+        for tag in self.engine().tags(self.settings.image_repository):
+            profile_id, _, name = tag[len(prefix) :].rpartition(":")
+            if name == LATEST or is_code(name):
+                profiles.add(profile_id)
+            if is_code(name):
+                codes.add(held_code(profile_id, name))
+        return profiles, codes
 
-    def read_engine(self) -> tuple[bool, set[str]]:
-        """Whether the engine answers, and the profiles whose images it holds."""
+    def held_profiles(self) -> set[str]:
+        return self.held()[0]
+
+    def read_engine(self) -> tuple[bool, tuple[set[str], set[str]]]:
+        """Whether the engine answers, and what it holds (:meth:`held`)."""
         try:
             if self.engine().ping(timeout=_PING_TIMEOUT):
-                return True, self.held_profiles()
+                return True, self.held()
         except EngineUnavailable:  # not even a connection (it is made again next beat)
             pass
-        return False, set()
+        return False, (set(), set())
 
     def beat(self) -> None:
-        ok, held = self.read_engine()
-        key = HostKeys.images(self.host_id)
+        ok, (held, codes) = self.read_engine()
+        key, codes_key = HostKeys.images(self.host_id), HostKeys.codes(self.host_id)
         now = time.time()
         if ok != self.engine_ok:
             level = logging.INFO if ok else logging.WARNING
@@ -204,9 +212,11 @@ class HostAgent:
         pipe.sadd(HOSTS, self.host_id)
         pipe.set(HostKeys.last_seen(self.host_id), now)
         pipe.set(HostKeys.heartbeat(self.host_id), json.dumps(beat), ex=self.settings.host_ttl)
-        pipe.delete(key)
+        pipe.delete(key, codes_key)
         if held:
             pipe.sadd(key, *sorted(held))
+        if codes:
+            pipe.sadd(codes_key, *sorted(codes))
         pipe.execute()
 
     def steer(self) -> None:
