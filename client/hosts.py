@@ -6,7 +6,9 @@ Every worker's host (``PFBUILD_HOST_ID``) keeps, in Redis:
   ``Settings.host_ttl`` seconds unless the worker renews it (so a dead host goes quiet);
 - ``pfbuild:host:{id}:images``: the profile ids whose images its engine holds (under
   ``:latest`` or a code tag);
-- ``pfbuild:host:{id}:codes``: the code tags its engine holds, as ``{profile_id}:{code}``;
+- ``pfbuild:host:{id}:codes``: the code tags its engine holds, ``{profile_id}:{code}`` ->
+  the image id (read from the engine at each beat and each image event, and only while
+  the worker follows those events: what clients answer hits from, ``client/hits.py``);
 - ``pfbuild:host:{id}:jobs``: the jobs running there (job id -> profile id);
 - and its id in the set ``pfbuild:hosts``, so that a dead host is still listed.
 
@@ -67,7 +69,8 @@ class HostKeys:
 
     @staticmethod
     def codes(host_id: str) -> str:
-        """The code tags its engine holds, as ``{profile_id}:{code}`` (:func:`held_code`)."""
+        """Hash: the code tags its engine holds (``{profile_id}:{code}``, :func:`held_code`)
+        -> the id of the image each names."""
         return f"pfbuild:host:{host_id}:codes"
 
     @staticmethod
@@ -141,7 +144,7 @@ def list_hosts(client: redis.Redis, *, with_images: bool = True) -> list[HostInf
         pipe.llen(host_queue(host_id))
         if with_images:
             pipe.smembers(HostKeys.images(host_id))
-            pipe.smembers(HostKeys.codes(host_id))
+            pipe.hkeys(HostKeys.codes(host_id))
     replies = pipe.execute()
     step = 5 if with_images else 3
     now = time.time()

@@ -280,6 +280,13 @@ class Settings(BaseSettings):
         description="Send each request to a live host that holds its image (else the host "
         "its base image hashes to, else the shared queue). Off: the shared queue only.",
     )
+    client_hits: bool = Field(
+        default=True,
+        description="A client answers a hit itself, with no worker round trip, when the "
+        "checkout's stat fingerprint is the one it had when a worker answered it, and a "
+        "live host still holds that answer's image under its code tag (client/hits.py). "
+        "Off: every request goes to a worker.",
+    )
     max_handbacks: int = Field(
         default=2,
         ge=0,

@@ -210,4 +210,9 @@ class FakeEngine:
     def tags(self, repository: str) -> list[str]:
         if self.down:
             raise EngineUnavailable(f"Docker engine at {self.host} stopped answering")
-        return sorted(t for t in self.images if t.startswith(repository + "/"))
+        return sorted(self.tagged(repository))
+
+    def tagged(self, repository: str) -> dict[str, str]:
+        if self.down:
+            raise EngineUnavailable(f"Docker engine at {self.host} stopped answering")
+        return {t: i.id for t, i in self.images.items() if t.startswith(repository + "/")}

@@ -4,6 +4,7 @@ checks the context digest, and single flight never joins two repositories."""
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from pfbuild.client.jobs import BuildClient
 from pfbuild.client.models import BuildAnswer, BuildRequest
 from pfbuild.client.settings import Settings
 from pfbuild.worker.bench.localfarm import RedisServer, Worker
 from pfbuild.worker.engine import DockerEngine
+from tests.conftest import BASE_IMAGE
 from tests.fakes import drop_image, run_request
 
 pytestmark = pytest.mark.docker
@@ -135,3 +138,61 @@ def test_concurrent_submits_of_two_trees_of_one_profile_name_their_own_images(
         assert engine.inspect(answer.image_tag).id == answer.image_id  # type: ignore[union-attr]
         assert _marker_in(answer.image_tag) == marker
         assert _marker_in(answer.image_id) == marker
+
+
+def _index_holds(url: str, member: str, image_id: str | None, timeout: float = 20) -> None:
+    """Wait until the farm's index of held codes says ``member`` names ``image_id`` (None:
+    is not held): hosts record it from their engine's image events."""
+    client = redis.Redis.from_url(url, decode_responses=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {v for k in client.scan_iter("pfbuild:host:*:codes")
+                 if (v := client.hget(k, member)) is not None}
+        if (image_id in found) if image_id else not found:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the index never said {member} -> {image_id}")
+
+
+def test_a_known_hit_is_answered_by_the_client_until_its_image_or_tree_changes(
+        farm: str, tmp_path: Path, cleanup_images: list[str]) -> None:
+    profile, repo = _profile(), _repo(tmp_path, "c", "code of C")
+    request = {"repo_dir": str(repo), "profile": profile}
+    time.sleep(2.5)  # a checkout a moment old: a tree changing this moment is not trusted
+    with BuildClient(farm) as client:
+        built = client.submit(request).result(timeout=900)
+        cleanup_images.append(built.image_tag)
+        member = f"{built.profile_id}:{built.image_tag.rpartition(':')[2]}"
+        _index_holds(farm, member, built.image_id)
+        job = client.submit(request)
+        hit = job.result(timeout=60)
+        assert hit.worker.endswith(":client") and job.status().state.value == "success"
+        assert (hit.cache_source, hit.image_id, hit.image_tag) == (
+            "local", built.image_id, built.image_tag)
+
+        # the checkout edited: a worker builds it
+        (repo / "marker.txt").write_text("code of C, edited")
+        edited = client.submit(request).result(timeout=900)
+        cleanup_images.append(edited.image_tag)
+        assert edited.cache_source == "built" and not edited.worker.endswith(":client")
+        assert _marker_in(edited.image_tag) == "code of C, edited"
+        time.sleep(2.5)
+        client.submit(request).result(timeout=60)  # a worker's hit: the tree is known again
+        edited_member = f"{edited.profile_id}:{edited.image_tag.rpartition(':')[2]}"
+        _index_holds(farm, edited_member, edited.image_id)
+        assert client.submit(request).result(timeout=60).worker.endswith(":client")
+
+        # the image removed from the host: never answered as held
+        engine = DockerEngine(Settings().docker_host_name())
+        drop_image(engine, edited.image_tag)
+        _index_holds(farm, edited_member, None)
+        after = client.submit(request).result(timeout=900)
+        assert not after.worker.endswith(":client") and after.cache_source == "tarball"
+
+        # its code tag moved to another image: not answered from the index either
+        engine.tag(BASE_IMAGE, edited.image_tag)
+        base_id = engine.inspect(BASE_IMAGE).id  # type: ignore[union-attr]
+        _index_holds(farm, edited_member, base_id)
+        again = client.submit(request).result(timeout=60)
+        assert not again.worker.endswith(":client") and again.image_id == edited.image_id
+        assert engine.inspect(edited.image_tag).id == edited.image_id  # type: ignore[union-attr]

@@ -72,9 +72,9 @@ class FarmState:
             profile_id = str(answer.get("profile_id"))
             used = {profile_id: time.time()}
             code = str(answer.get("image_tag", "")).rpartition(":")[2]
-            if is_code(code):  # the image of this code is used, and held here
+            if is_code(code):  # the image of this code was used (the codes it holds are
+                # read from the engine only: an answer may come after its image's removal)
                 used[held_code(profile_id, code)] = used[profile_id]
-                pipe.sadd(HostKeys.codes(self.host), held_code(profile_id, code))
             pipe.zadd(Keys.uses(self.host), used)
             pipe.hincrby(Keys.stats(), f"source:{answer.get('cache_source')}", 1)
             pipe.sadd(HostKeys.images(self.host), profile_id)
@@ -111,7 +111,7 @@ class FarmState:
         if profile_ids:
             pipe.srem(HostKeys.images(self.host), *profile_ids)
         if codes:
-            pipe.srem(HostKeys.codes(self.host), *codes)
+            pipe.hdel(HostKeys.codes(self.host), *codes)
         self._run("removed images", pipe)
 
 
