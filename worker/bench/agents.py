@@ -9,6 +9,8 @@ agents: ``processes`` processes of ``threads`` threads, each thread an agent wit
 client and its own checkout. Each round prints hits (or calls) per second, p50 and p99
 latency, and CPU seconds per 1,000 for the workers (every process of both), the agents
 and Redis; then the ratio of pfbuild's throughput to the bare task's, round by round.
+pfbuild runs twice per round: with every hit answered by a worker (``client_hits`` off),
+and as agents run it, a hit the farm already knows answered by the client.
 
 Before its first timed round, every agent makes one hit from its checkout (a checkout's
 first hit digests a tree no worker process has seen): the workers' CPU for those is
@@ -38,6 +40,9 @@ from pfbuild.worker.layout import EXCLUDED_FROM_CONTEXT
 __all__ = ["agents_bench"]
 
 Row = dict[str, Any]
+# the baseline; pfbuild with every hit answered by a worker; pfbuild as agents run it,
+# a known hit answered by the client (client/hits.py)
+KINDS = ("bare", "pfbuild-worker", "pfbuild")
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -94,12 +99,15 @@ def _bare_agent(plan: _Plan, index: int, warmed: Any, go: Any, out: list[float])
     app.close()
 
 
-def _hit_agent(plan: _Plan, index: int, warmed: Any, go: Any, out: list[float]) -> None:
+def _hit_agent(plan: _Plan, index: int, warmed: Any, go: Any, out: list[float],
+               client_hits: bool = True) -> None:
     """One agent of pfbuild: its own client, its own checkout, a hit each time."""
     from pfbuild.client.jobs import BuildClient
+    from pfbuild.client.settings import Settings
 
     request = {"repo_dir": plan.checkouts[index], "profile": plan.profile}
-    with BuildClient(plan.url) as client:
+    settings = Settings(client_hits=client_hits)
+    with BuildClient(plan.url, settings) as client:
         first = client.submit(request).result(timeout=600)  # its checkout's first hit
         if first.cache_source != "local":
             raise RuntimeError(f"agent {index}: expected a hit, got {first.cache_source}")
@@ -116,12 +124,14 @@ def _agent_process(kind: str, plan: _Plan, indices: list[int], ready: Any, go: A
                    out: Any) -> None:
     """``len(indices)`` agents on threads; reports their latencies and this process's CPU
     seconds while they ran timed."""
-    agent = _bare_agent if kind == "bare" else _hit_agent
     latencies: list[list[float]] = [[] for _ in indices]
     warmed, started = threading.Barrier(len(indices) + 1), threading.Event()
     threads = [
         threading.Thread(
-            target=agent, args=(plan, i, warmed, started, latencies[n]), daemon=True
+            target=_bare_agent if kind == "bare" else _hit_agent,
+            args=(plan, i, warmed, started, latencies[n]),
+            kwargs={} if kind == "bare" else {"client_hits": kind == KINDS[2]},
+            daemon=True,
         )
         for n, i in enumerate(indices)
     ]
@@ -271,6 +281,7 @@ def agents_bench(
 
     rows: list[Row] = []
     tags: list[str] = []
+    size = 0
     with tempfile.TemporaryDirectory(prefix="pfbuild-abench-") as tmp:
         work = Path(tmp)
         checkouts = _checkouts(repo, work, processes * threads)
@@ -279,21 +290,29 @@ def agents_bench(
                 profile, size, tags = _prepare(settings, farm, repo, checkouts, host_b)
                 plan = _Plan(farm.url, profile, checkouts, seconds, size)
                 for _ in range(rounds):
-                    for kind in ("bare", "pfbuild"):
+                    for kind in KINDS:
                         rows.append(_round(kind, farm, plan, processes, threads))
         finally:
             for url in filter(None, [settings.docker_host_name(), host_b]):
                 engine = DockerEngine(url)
                 for tag in tags:
                     engine.remove(tag)
-    bare = [r["per_s"] for r in rows if r["kind"] == "bare"]
-    ours = [r["per_s"] for r in rows if r["kind"] == "pfbuild"]
     return {
         "agents": f"{processes} processes x {threads} threads",
         "workers": "2 x -c 2, " + ("one per engine" if host_b else "both on this engine"),
         "seconds_per_round": seconds,
-        "answer_bytes": rows and plan.result_bytes,
+        "answer_bytes": size,
         "rounds": rows,
-        "ratio_per_round": [o / b for o, b in zip(ours, bare, strict=True)],
-        "ratio_median": statistics.median(o / b for o, b in zip(ours, bare, strict=True)),
+        **{f"ratio_{kind}": _ratios(rows, kind) for kind in KINDS[1:]},
     }
+
+
+def _ratios(rows: list[Row], kind: str) -> dict[str, Any]:
+    """``kind``'s calls per second over the bare task's, round by round (each against the
+    bare round just before it), and their median."""
+    pairs = []
+    for i, row in enumerate(rows):
+        if row["kind"] == kind:
+            bare = next(r for r in reversed(rows[:i]) if r["kind"] == "bare")
+            pairs.append(row["per_s"] / bare["per_s"])
+    return {"per_round": pairs, "median": statistics.median(pairs) if pairs else 0.0}

@@ -145,7 +145,11 @@ def bench_agents(
         return
     rows = result["rounds"]
     columns = list(rows[0])
-    title = (f"agents: {result['agents']}, workers {result['workers']}; hits/s ratio per "
-             f"round {', '.join(f'{r:.2f}' for r in result['ratio_per_round'])} "
-             f"(median {result['ratio_median']:.2f})")
+    ratios = "; ".join(
+        f"{key[6:]}/bare {', '.join(f'{r:.2f}' for r in value['per_round'])} "
+        f"(median {value['median']:.2f})"
+        for key, value in result.items()
+        if key.startswith("ratio_")
+    )
+    title = f"agents: {result['agents']}, workers {result['workers']}; calls/s {ratios}"
     _print_table(title, columns, [[row[c] for c in columns] for row in rows])
