@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from typing import Any
 
@@ -228,7 +229,13 @@ def _choose(
         # A hit takes milliseconds, so hits may queue at a holder; but not behind builds
         # filling its slots: then any host, as a pull from the registry beats waiting.
         free = [h for h in holders if not h.concurrency or len(h.running) < h.concurrency]
-        return host_queue(min(free, key=lambda h: len(h.running)).host_id) if free else QUEUE
+        if not free:
+            return QUEUE
+        # the least loaded; among equals, any: a hit records no running job, so a fixed
+        # order would send every hit to the first holder and leave the others idle
+        least = min(len(h.running) + h.queued for h in free)
+        return host_queue(random.choice(
+            [h for h in free if len(h.running) + h.queued == least]).host_id)
     base = QUEUE
     if request.profile is not None:
         base = settings.base_image(parse_profile(request.profile).python_version)

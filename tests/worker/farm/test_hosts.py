@@ -265,3 +265,11 @@ def test_code_tags_count_as_held_images_and_are_listed(r: Any) -> None:
     engine.images.pop("patchfoundry/p2:abcdefabcdef")  # removed by hand: forgotten next beat
     a.beat()
     assert (list_hosts(r)[0].images, list_hosts(r)[0].codes) == (["p1"], ["p1:0123456789ab"])
+
+
+def test_hits_are_spread_over_the_holders(r: Any) -> None:
+    # hits record no running job: equal holders must share them, not the first take all
+    _agent(r, "a", "patchfoundry/p1:latest").beat()
+    _agent(r, "b", "patchfoundry/p1:latest").beat()
+    chosen = {choose_queue(r, Settings(), _req(), "p1") for _ in range(40)}
+    assert chosen == {host_queue("a"), host_queue("b")}
