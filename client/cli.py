@@ -368,7 +368,9 @@ def hosts(
     from rich.table import Table
 
     table = Table(title="pfbuild hosts")
-    for col in ("host", "alive", "engine", "seen (s ago)", "docker host", "running", "images"):
+    columns = ("host", "alive", "engine", "seen (s ago)", "docker host", "running", "images",
+               "codes")
+    for col in columns:
         table.add_column(col)
     for h in found:
         table.add_row(
@@ -378,7 +380,8 @@ def hosts(
             str(h.seconds_since_seen),
             h.docker_host or "",
             f"{len(h.running)}/{h.concurrency}",
-            str(len(h.images)),
+            str(len(h.images)),  # profiles, under :latest or a code tag
+            str(len(h.codes)),  # code tags: the images of each code
         )
     Console().print(table)
 

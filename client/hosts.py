@@ -4,7 +4,11 @@ Every worker's host (``PFBUILD_HOST_ID``) keeps, in Redis:
 
 - ``pfbuild:host:{id}``: its heartbeat, a JSON object that expires after
   ``Settings.host_ttl`` seconds unless the worker renews it (so a dead host goes quiet);
-- ``pfbuild:host:{id}:images``: the profile ids whose images its engine holds;
+- ``pfbuild:host:{id}:images``: the profile ids whose images its engine holds (under
+  ``:latest`` or a code tag);
+- ``pfbuild:host:{id}:codes``: the code tags its engine holds, ``{profile_id}:{code}`` ->
+  the image id (read from the engine at each beat and each image event, and only while
+  the worker follows those events: what clients answer hits from, ``client/hits.py``);
 - ``pfbuild:host:{id}:jobs``: the jobs running there (job id -> profile id);
 - and its id in the set ``pfbuild:hosts``, so that a dead host is still listed.
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from typing import Any
 
@@ -44,6 +49,7 @@ __all__ = [
     "Router",
     "choose_queue",
     "handback_target",
+    "held_code",
     "host_queue",
     "list_hosts",
 ]
@@ -63,6 +69,12 @@ class HostKeys:
         return f"pfbuild:host:{host_id}:images"
 
     @staticmethod
+    def codes(host_id: str) -> str:
+        """Hash: the code tags its engine holds (``{profile_id}:{code}``, :func:`held_code`)
+        -> the id of the image each names."""
+        return f"pfbuild:host:{host_id}:codes"
+
+    @staticmethod
     def last_seen(host_id: str) -> str:
         """When the host last beat (no TTL: it outlives the heartbeat)."""
         return f"pfbuild:host:{host_id}:last_seen"
@@ -75,6 +87,12 @@ class HostKeys:
     @staticmethod
     def jobs(host_id: str) -> str:
         return f"pfbuild:host:{host_id}:jobs"
+
+
+def held_code(profile_id: str, code: str) -> str:
+    """How a code tag ``{image_repository}/{profile_id}:{code}`` is named in a host's codes
+    and uses (``Keys.uses``): ``{profile_id}:{code}``."""
+    return f"{profile_id}:{code}"
 
 
 def host_queue(host_id: str) -> str:
@@ -96,6 +114,7 @@ class HostInfo(BaseModel):
     running: dict[str, str] = Field(default_factory=dict)
     queued: int = 0
     images: list[str] = Field(default_factory=list)
+    codes: list[str] = Field(default_factory=list)  # "{profile_id}:{code}" tags it holds
     engine_ok: bool | None = None  # None: not reported (a worker older than the field)
     engine_seen: float | None = None  # when its engine last answered a beat's ping
 
@@ -126,13 +145,15 @@ def list_hosts(client: redis.Redis, *, with_images: bool = True) -> list[HostInf
         pipe.llen(host_queue(host_id))
         if with_images:
             pipe.smembers(HostKeys.images(host_id))
+            pipe.hkeys(HostKeys.codes(host_id))
     replies = pipe.execute()
-    step = 4 if with_images else 3
+    step = 5 if with_images else 3
     now = time.time()
     hosts = []
     for i, host_id in enumerate(ids):
         beat, jobs, queued = replies[i * step : i * step + 3]
         images = replies[i * step + 3] if with_images else set()
+        codes = replies[i * step + 4] if with_images else set()
         info: dict[str, Any] = json.loads(beat) if beat else {}
         last = info.get("last_seen")
         hosts.append(
@@ -148,6 +169,7 @@ def list_hosts(client: redis.Redis, *, with_images: bool = True) -> list[HostInf
                 running={_text(k): _text(v) for k, v in jobs.items()},
                 queued=int(queued),
                 images=sorted(_text(p) for p in images),
+                codes=sorted(_text(c) for c in codes),
                 engine_ok=info.get("engine_ok"),
                 engine_seen=info.get("engine_seen"),
             )
@@ -207,7 +229,13 @@ def _choose(
         # A hit takes milliseconds, so hits may queue at a holder; but not behind builds
         # filling its slots: then any host, as a pull from the registry beats waiting.
         free = [h for h in holders if not h.concurrency or len(h.running) < h.concurrency]
-        return host_queue(min(free, key=lambda h: len(h.running)).host_id) if free else QUEUE
+        if not free:
+            return QUEUE
+        # the least loaded; among equals, any: a hit records no running job, so a fixed
+        # order would send every hit to the first holder and leave the others idle
+        least = min(len(h.running) + h.queued for h in free)
+        return host_queue(random.choice(
+            [h for h in free if len(h.running) + h.queued == least]).host_id)
     base = QUEUE
     if request.profile is not None:
         base = settings.base_image(parse_profile(request.profile).python_version)

@@ -34,6 +34,7 @@ from pfbuild.client.errors import (
     PfbuildError,
     QueueUnavailable,
 )
+from pfbuild.client.hits import KnownHits, tree_fingerprint
 from pfbuild.client.hosts import Router, list_hosts
 from pfbuild.client.models import BuildAnswer, BuildRequest, JobState
 from pfbuild.client.profile import load_profile_file, parse_profile, validate_request
@@ -93,12 +94,17 @@ class BuildJob:
         profile_id: str | None = None,
         joined: bool = False,
         flight_key: str | None = None,
+        answer: BuildAnswer | None = None,
+        learn: tuple[tuple[str, ...], str] | None = None,
     ) -> None:
         self.client = client
         self.id = job_id
         self.profile_id = profile_id
         self.joined = joined  # True when this submit joined a flight already under way
         self.flight_key = flight_key
+        # a hit the client answered itself (client/hits.py): no job on the farm
+        self.answered = answer
+        self._learn = learn  # (checkout, fingerprint) to remember the answer under
 
     def __repr__(self) -> str:
         return f"<BuildJob {self.id} profile={self.profile_id} joined={self.joined}>"
@@ -113,6 +119,10 @@ class BuildJob:
     def status(self) -> JobStatus:
         """Where the job is; ``lost`` when it has neither an answer nor a record (the
         error :meth:`result` raises then is :class:`JobLost`)."""
+        if self.answered is not None:
+            return JobStatus(id=self.id, state=JobState.SUCCESS, stage=JobState.SUCCESS.value,
+                             profile_id=self.profile_id, worker=self.answered.worker,
+                             docker_host=self.answered.docker_host)
         meta, exists = self._look()
         celery_state, info = str(meta.get("status", "PENDING")), meta.get("result")
         state = JobState.LOST if not (meta or exists) else job_state(celery_state)
@@ -154,8 +164,13 @@ class BuildJob:
         with Redis). The answer is stored before a record expires, so the answer is read
         again before the job is declared lost.
         """
+        if self.answered is not None:
+            return self.answered
         meta, exists = self._look(wait)
         answer = self._answer_of(str(meta.get("status", "PENDING")), meta.get("result"))
+        if answer is not None and self._learn is not None:
+            self.client.known.learn(*self._learn, answer)
+            self._learn = None
         if answer is not None or exists:
             return answer
         answer = self._outcome()
@@ -265,7 +280,10 @@ class BuildJob:
         """Cancel the job (its worker stops the engine's build) and leave its flight.
 
         Every agent that joined this job's flight sees it cancelled: they share one job.
+        A hit the client answered itself has nothing to cancel.
         """
+        if self.answered is not None:
+            return
         try:
             # the flag outlives Celery's in-memory revoke list: a worker that starts later
             # (or restarts) still skips the job
@@ -300,6 +318,7 @@ class BuildClient:
         )
         self.router = Router(self.redis, self.settings)
         self.blocking_reads = True  # False once Redis turns out to have no BLMOVE
+        self.known = KnownHits()  # the answers its checkouts got (client/hits.py)
 
     def close(self) -> None:
         self.redis.close()
@@ -339,8 +358,28 @@ class BuildClient:
         return req, parse_profile(req.profile, settings=self.settings).profile_id
 
     def submit(self, request: BuildRequest | dict[str, Any]) -> BuildJob:
-        """Enqueue one request, or join the job already building its profile."""
+        """Enqueue one request, or join the job already building its profile; a hit the
+        farm already knows is answered here (client/hits.py)."""
+        started = time.monotonic()
         req, profile_id = self._prepare(request)
+        learn = None
+        if self.settings.client_hits and self.settings.routing and not req.force_rebuild:
+            checkout = (req.repo_dir, profile_id, req.image_cache_dir or "")
+            fingerprint = tree_fingerprint(req.repo_dir)
+            known = self.known.recall(checkout, fingerprint) if fingerprint else None
+            if known is not None:
+                try:
+                    answer = self.known.answer(self.redis, known, self.router.live(), started)
+                except redis.RedisError as exc:
+                    raise QueueUnavailable(f"cannot reach Redis at {self.url}: {exc}") from None
+                if answer is not None:
+                    return BuildJob(self, str(uuid.uuid4()), profile_id, answer=answer)
+            learn = (checkout, fingerprint) if fingerprint else None
+        job = self._submit(req, profile_id)
+        job._learn = learn
+        return job
+
+    def _submit(self, req: BuildRequest, profile_id: str) -> BuildJob:
         key = Keys.flight(profile_id, req.force_rebuild, req.repo_dir)
         try:
             for _ in range(10):

@@ -9,7 +9,22 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["CODE_HEX", "LATEST", "Settings", "code_of", "is_code"]
+
+LATEST = "latest"
+# hex digits of the context digest in a code tag: a collision of 48 bits within one profile
+# is not a false hit either, since every hit compares the image's whole digest label
+CODE_HEX = 12
+
+
+def code_of(context_sha256: str) -> str:
+    """The tag of the code whose context digest is ``context_sha256``."""
+    return context_sha256[:CODE_HEX]
+
+
+def is_code(tag: str) -> bool:
+    """Whether ``tag`` (the part after ``:``) is a code tag rather than ``latest``."""
+    return len(tag) == CODE_HEX and all(c in "0123456789abcdef" for c in tag)
 
 
 class Settings(BaseSettings):
@@ -127,7 +142,9 @@ class Settings(BaseSettings):
     )
     image_repository: str = Field(
         default="patchfoundry",
-        description="Images are tagged {image_repository}/{profile_id}:latest.",
+        description="Images are tagged {image_repository}/{profile_id}:latest (the "
+        "profile's newest build) and {image_repository}/{profile_id}:{code} (the code in "
+        "the image: the first 12 hex of its context digest).",
     )
     debian_archive_url: str = Field(
         default="http://archive.debian.org",
@@ -141,8 +158,9 @@ class Settings(BaseSettings):
     registry: str | None = Field(
         default=None,
         description="host:port of a Docker registry shared by every host: a worker pushes "
-        "each image it builds to {registry}/{image_repository}/{profile_id}:latest, and pulls "
-        "from there on a miss of its engine, before it looks at tarballs. Unset: no registry.",
+        "each image it builds to {registry}/{image_repository}/{profile_id}:{code} and :latest, "
+        "and pulls from there (its code's tag first) on a miss of its engine, before it looks "
+        "at tarballs. Unset: no registry.",
     )
     tarball_cache: bool = Field(
         default=True,
@@ -274,6 +292,13 @@ class Settings(BaseSettings):
         description="Send each request to a live host that holds its image (else the host "
         "its base image hashes to, else the shared queue). Off: the shared queue only.",
     )
+    client_hits: bool = Field(
+        default=True,
+        description="A client answers a hit itself, with no worker round trip, when the "
+        "checkout's stat fingerprint is the one it had when a worker answered it, and a "
+        "live host still holds that answer's image under its code tag (client/hits.py). "
+        "Off: every request goes to a worker.",
+    )
     max_handbacks: int = Field(
         default=2,
         ge=0,
@@ -294,13 +319,20 @@ class Settings(BaseSettings):
         return 2 * self.build_time_limit + self.lock_wait_max
 
     def image_tag(self, profile_id: str) -> str:
-        return f"{self.image_repository}/{profile_id}:latest"
+        """The profile's newest build: ``{image_repository}/{profile_id}:latest``."""
+        return f"{self.image_repository}/{profile_id}:{LATEST}"
 
-    def registry_ref(self, profile_id: str) -> str | None:
-        """Where the registry tier keeps a profile's image, or None without a registry."""
+    def code_tag(self, profile_id: str, context_sha256: str) -> str:
+        """The image of this very code: ``{image_repository}/{profile_id}:{code}``, the code
+        being the first 12 hex of the context digest (docs/design.md, "What a hit means")."""
+        return f"{self.image_repository}/{profile_id}:{code_of(context_sha256)}"
+
+    def registry_ref(self, profile_id: str, tag: str = "latest") -> str | None:
+        """Where the registry tier keeps a profile's image under ``tag`` (``latest`` or a
+        code, :func:`code_of`), or None without a registry."""
         if not self.registry:
             return None
-        return f"{self.registry}/{self.image_repository}/{profile_id}:latest"
+        return f"{self.registry}/{self.image_repository}/{profile_id}:{tag}"
 
     def base_image(self, version: str) -> str:
         return self.base_image_template.format(version=version)

@@ -62,11 +62,13 @@ def hello_repo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def cleanup_images(docker_engine) -> Iterator[list[str]]:  # type: ignore[no-untyped-def]
-    """Tags appended here are removed after the test."""
+    """Tags appended here are removed after the test, with their profile's ``:latest``
+    (an answer names its code tag; the build also moved ``:latest``)."""
     tags: list[str] = []
     yield tags
     for tag in tags:
         docker_engine.remove(tag)
+        docker_engine.remove(tag.rpartition(":")[0] + ":latest")
 
 
 @pytest.fixture

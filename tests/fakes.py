@@ -62,6 +62,13 @@ def nonce_profile(repo: Path, *cmds: str) -> dict[str, Any]:
     return doc  # type: ignore[no-any-return]
 
 
+def drop_image(engine: Engine, image_tag: str) -> None:
+    """Take an answer's image out of ``engine`` (as on a host that never held it): its
+    code tag and its profile's ``:latest``."""
+    engine.remove(image_tag)
+    engine.remove(image_tag.rpartition(":")[0] + ":latest")
+
+
 def run_request(request: BuildRequest, settings: Settings, engine: Engine,
                 **kw: object) -> BuildAnswer:
     """Resolve ``request`` and run the pipeline on it, as ``pfbuild build`` does."""
@@ -140,7 +147,8 @@ class FakeEngine:
             on_line(line)
         if not self.build_ok(text):
             return BuildOutcome(image=None, error="The command returned 1")
-        image_id = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+        # another Dockerfile or other code: another image, as on a real engine
+        image_id = "sha256:" + hashlib.sha256(text.encode() + sources.encode()).hexdigest()
         self.images[tag] = ImageInfo(id=image_id, labels=dict(labels))
         self.blobs[tag] = image_tar(tag, text.encode() * 1000, dict(labels))
         return BuildOutcome(image=self.images[tag], error=None)
@@ -177,6 +185,8 @@ class FakeEngine:
         self.blobs.pop(tag, None)
 
     def tag(self, source: str, target: str) -> None:
+        if source not in self.images:  # an image id, as the engine takes one
+            source = next(t for t, i in self.images.items() if i.id == source)
         self.images[target] = self.images[source]
         self.blobs[target] = self.blobs[source]
 
@@ -200,4 +210,9 @@ class FakeEngine:
     def tags(self, repository: str) -> list[str]:
         if self.down:
             raise EngineUnavailable(f"Docker engine at {self.host} stopped answering")
-        return sorted(t for t in self.images if t.startswith(repository + "/"))
+        return sorted(self.tagged(repository))
+
+    def tagged(self, repository: str) -> dict[str, str]:
+        if self.down:
+            raise EngineUnavailable(f"Docker engine at {self.host} stopped answering")
+        return {t: i.id for t, i in self.images.items() if t.startswith(repository + "/")}

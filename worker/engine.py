@@ -190,6 +190,9 @@ class Engine(Protocol):
     def tags(self, repository: str) -> list[str]:
         """Every ``repo:tag`` this engine holds under ``{repository}/``."""
 
+    def tagged(self, repository: str) -> dict[str, str]:
+        """:meth:`tags`, each with the id of the image it names."""
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -506,15 +509,21 @@ class DockerEngine:
         return Transfer(digest or "unknown", moved.bytes)
 
     def tags(self, repository: str) -> list[str]:
+        return sorted(self.tagged(repository))
+
+    def tagged(self, repository: str) -> dict[str, str]:
         try:
             images: list[dict[str, Any]] = self.api.images(filters={"reference": f"{repository}/*"})
         except _UNREACHABLE as exc:
             raise EngineUnavailable(
                 f"Docker engine at {self.host} stopped answering: {exc}"
             ) from None
-        return sorted(
-            str(t) for image in images for t in image.get("RepoTags") or [] if t != "<none>:<none>"
-        )
+        return {
+            str(t): str(image["Id"])
+            for image in images
+            for t in image.get("RepoTags") or []
+            if t != "<none>:<none>"
+        }
 
 def _raise_if_aborted(abort: Abort | None) -> None:
     if abort is not None and abort.triggered.is_set():

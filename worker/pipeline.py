@@ -151,11 +151,11 @@ def reuse_local(
     )
     try:
         with run.stage(JobState.CHECKING_CACHE):
-            run.cached = engine.inspect(run.tag)
-            if run.cached is None or run.cached.labels.get(LABEL_CONTEXT) != run.scan().digest:
+            held = _held_here(run)
+            if held is None:
                 return None
         resolved.artifacts.mkdir(parents=True, exist_ok=True)
-        return _answer(run, Image(run.cached, "local", _variant_of(run.cached)), started)
+        return _answer(run, Image(held, "local", _variant_of(held)), started)
     except requests.RequestException as exc:
         raise EngineUnavailable(f"the Docker engine failed: {exc}") from None
     except OSError as exc:
@@ -203,15 +203,41 @@ def _reuse(run: BuildRun) -> Image | None:
         run.dockerfile(VARIANTS["standard"])
     with run.stage(JobState.CHECKING_CACHE):
         run.scan()
-        # a forced rebuild still learns what the tag names: its layers seed cache_from
-        run.cached = run.engine.inspect(run.tag)
-    if run.resolved.request.force_rebuild:
-        return None
+        if run.resolved.request.force_rebuild:
+            # a forced rebuild still learns what the tag names: its layers seed cache_from
+            run.cached = run.engine.inspect(run.tag)
+            return None
+        held = _held_here(run)
+        if held is not None:
+            return Image(held, "local", _variant_of(held))
     if run.cached is not None:
-        if _holds_this_code(run, run.cached, "local"):
-            return Image(run.cached, "local", _variant_of(run.cached))
+        _holds_this_code(run, run.cached, "local")  # it does not: say so, and build
         return None
     return _pull(run) or _load_tarball(run)
+
+
+def _held_here(run: BuildRun) -> ImageInfo | None:
+    """The image of this very code on this engine: under its code tag, else under the
+    profile's ``:latest`` (which then gets the code tag too); None on a miss. What
+    ``:latest`` names is kept in ``run.cached``: its layers seed a build."""
+    digest = run.scan().digest
+    own = run.engine.inspect(run.code_tag)
+    if own is not None and own.labels.get(LABEL_CONTEXT) == digest:
+        return own
+    run.cached = run.engine.inspect(run.tag)
+    if run.cached is None or run.cached.labels.get(LABEL_CONTEXT) != digest:
+        return None
+    _tag_code(run, run.cached)
+    return run.cached
+
+
+def _tag_code(run: BuildRun, info: ImageInfo) -> None:
+    """Give an image that arrived in the engine (built, loaded, pulled, or tagged before
+    code tags) the tag of the code its label says it holds. Tagged by id: the hit path
+    takes no lock, and ``:latest`` may move meanwhile."""
+    digest = info.labels.get(LABEL_CONTEXT)
+    if digest:
+        run.engine.tag(info.id, run.settings.code_tag(run.resolved.profile_id, digest))
 
 
 def _pull(run: BuildRun) -> Image | None:
@@ -219,11 +245,14 @@ def _pull(run: BuildRun) -> Image | None:
     if not run.settings.registry:
         return None
     with run.stage(JobState.PULLING_IMAGE):
-        pulled = registry.fetch(run.engine, run.settings, run.resolved.profile_id, run.events)
+        pulled = registry.fetch(
+            run.engine, run.settings, run.resolved.profile_id, run.scan().digest, run.events
+        )
         info = run.engine.inspect(run.tag) if pulled else None
     if pulled is None or info is None:
         return None
     run.cached = info  # other code: its layers still seed the build
+    _tag_code(run, info)
     if not _holds_this_code(run, info, "registry"):
         return None
     return Image(info, "registry", _variant_of(info), registry=pulled)
@@ -243,6 +272,7 @@ def _load_tarball(run: BuildRun) -> Image | None:
             )
             return None
     run.cached = info
+    _tag_code(run, info)  # the tarball carries :latest; its code tag comes from its label
     if not _holds_this_code(run, info, "tarball"):
         return None
     return Image(info, "tarball", _variant_of(info), loaded)
@@ -251,6 +281,7 @@ def _load_tarball(run: BuildRun) -> Image | None:
 def _build(run: BuildRun) -> Image:
     with run.stage(JobState.BUILDING):
         variant, info = build_with_ladder(run, run.cached)
+        _tag_code(run, info)
     return Image(info, "built", variant)
 
 
@@ -266,7 +297,7 @@ def _publish(run: BuildRun, image: Image) -> Image:
         run.guard()  # a run that lost its lock publishes nothing
         with run.stage(JobState.PUSHING_IMAGE):
             pushed = registry.publish(
-                run.engine, run.settings, run.resolved.profile_id, run.events
+                run.engine, run.settings, run.resolved.profile_id, run.scan().digest, run.events
             )
     return Image(image.info, image.source, image.variant, saved, pushed)
 
@@ -298,7 +329,7 @@ def _manifest(run: BuildRun, image: Image, dockerfile_text: str) -> Manifest:
     resolved = run.resolved
     return Manifest(
         profile_id=resolved.profile_id,
-        image_tag=run.tag,
+        image_tag=run.code_tag,
         image_id=image.info.id,
         build_variant=image.variant.name,
         python_version=resolved.profile.python_version,
@@ -356,7 +387,7 @@ def _answer(run: BuildRun, image: Image, started: float) -> BuildAnswer:
     if image.source != "built" and not run.log_path.exists():
         atomic_write_text(
             run.log_path,
-            f"{run.tag} reused from the {image.source} cache; no build ran for this profile "
+            f"{run.code_tag} reused from the {image.source} cache; no build ran for this profile "
             "here.\n",
         )
     dockerfile_path, text = run.dockerfile(image.variant)
@@ -370,7 +401,7 @@ def _answer(run: BuildRun, image: Image, started: float) -> BuildAnswer:
         body = json.dumps(document, indent=2) + "\n"
         atomic_write_text(manifest_path, body, durable=image.source == "built")
     return BuildAnswer(
-        image_tag=run.tag,
+        image_tag=run.code_tag,
         profile_id=run.resolved.profile_id,
         reused_cache=image.source != "built",
         build_log_path=str(run.log_path),

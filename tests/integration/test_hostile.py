@@ -24,7 +24,7 @@ from pfbuild.client.errors import BadRequest, BuildFailed, ExitCode, PfbuildErro
 from pfbuild.client.models import BuildRequest, ErrorInfo
 from pfbuild.client.settings import Settings
 from pfbuild.worker.engine import BuildSpec
-from tests.fakes import FakeEngine, dockerfile_context, image_tar
+from tests.fakes import FakeEngine, dockerfile_context, drop_image, image_tar
 
 PROFILE: dict[str, Any] = {"install_cmds": ["pip install ."], "env": {"A": "1"}}
 BIG = 10 * 1024 * 1024
@@ -355,7 +355,7 @@ def test_a_planted_tarball_never_reaches_the_engine(
             if not q.name.endswith(".sha256")] == [data]
     assert any("did not save" in e for e in answer.manifest.events)
     # and what pfbuild saved in its place is trusted next time
-    engine.images.pop(answer.image_tag)
+    drop_image(engine, answer.image_tag)
     again = run_request(request, settings, engine)
     assert again.cache_source == "tarball" and engine.loads == 1
 

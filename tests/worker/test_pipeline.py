@@ -50,7 +50,7 @@ def test_force_rebuild_skips_caches_and_uses_nocache(repo: Path, settings: Setti
     forced = run_request(_req(repo, force_rebuild=True), settings, engine)
     assert forced.cache_source == "built" and len(engine.builds) == 2
     assert engine.builds[1]["nocache"] is True
-    assert engine.builds[1]["cache_from"] == [forced.image_tag]
+    assert engine.builds[1]["cache_from"] == [settings.image_tag(forced.profile_id)]
     assert engine.builds[0]["cache_from"] == []  # no tag yet: naming it would disable caching
 
 

@@ -12,7 +12,7 @@ import pytest
 from pfbuild.client.errors import BuildFailed
 from pfbuild.client.models import BuildRequest, FailureClass
 from pfbuild.client.settings import Settings
-from tests.fakes import run_request
+from tests.fakes import drop_image, run_request
 
 pytestmark = pytest.mark.docker
 
@@ -48,14 +48,14 @@ def test_build_reuse_and_tarball_reload(docker_engine, hello_repo: Path, setting
     local = run_request(request, settings, docker_engine)
     assert (local.cache_source, local.reused_cache, local.image_id) == ("local", True,
                                                                          built.image_id)
-    docker_engine.remove(built.image_tag)
+    drop_image(docker_engine, built.image_tag)
     assert docker_engine.inspect(built.image_tag) is None
     reloaded = run_request(request, settings, docker_engine)
     assert reloaded.cache_source == "tarball" and reloaded.image_id == built.image_id
     assert reloaded.timings.load > 0 and reloaded.build_variant == "standard"
 
     # a corrupted tarball is set aside and the image is built again, on the real engine
-    docker_engine.remove(built.image_tag)
+    drop_image(docker_engine, built.image_tag)
     tarball = Path(built.manifest.tarball.path)  # type: ignore[union-attr]
     with open(tarball, "r+b") as fh:
         fh.seek(tarball.stat().st_size // 2)

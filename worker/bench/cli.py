@@ -139,3 +139,40 @@ def bench_hosts(
         settings, repo, host_b=host_b, registry=registry, profiles=profiles, submits=submits
     )
     emit({"benchmark": "hosts", **result})
+
+
+@bench_app.command("agents")
+def bench_agents(
+    ctx: typer.Context,
+    repo: Annotated[Path, typer.Option(help="Repository with a repo_profile.json.")] = Path(
+        "examples/hello"
+    ),
+    processes: Annotated[int, typer.Option(help="Agent processes.")] = 8,
+    threads: Annotated[int, typer.Option(help="Agents (threads) per process.")] = 25,
+    seconds: Annotated[float, typer.Option(help="Seconds each timed round runs.")] = 20.0,
+    rounds: Annotated[int, typer.Option(help="Rounds of each kind, alternated.")] = 2,
+    host_b: Annotated[
+        str | None, typer.Option(help="A second engine: one worker on each (else both here).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """Many agents, each its own checkout: pfbuild hits vs a bare Celery task, same workers."""
+    from pfbuild.worker.bench.agents import agents_bench
+
+    result = agents_bench(
+        settings_of(ctx), repo, processes=processes, threads=threads, seconds=seconds,
+        rounds=rounds, host_b=host_b,
+    )
+    if as_json:
+        emit({"benchmark": "agents", **result})
+        return
+    rows = result["rounds"]
+    columns = list(rows[0])
+    ratios = "; ".join(
+        f"{key[6:]}/bare {', '.join(f'{r:.2f}' for r in value['per_round'])} "
+        f"(median {value['median']:.2f})"
+        for key, value in result.items()
+        if key.startswith("ratio_")
+    )
+    title = f"agents: {result['agents']}, workers {result['workers']}; calls/s {ratios}"
+    _print_table(title, columns, [[row[c] for c in columns] for row in rows])

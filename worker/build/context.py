@@ -23,6 +23,7 @@ from typing import IO
 
 from docker.utils.build import exclude_paths
 
+from pfbuild.client.hits import tree_fingerprint
 from pfbuild.client.inputs import read_bounded
 from pfbuild.worker.layout import EXCLUDED_FROM_CONTEXT
 
@@ -132,10 +133,47 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+class _Scans:
+    """The last scan of each tree, kept with the tree's stat fingerprint taken before it
+    (:func:`pfbuild.client.hits.tree_fingerprint`): a checkout seen before whose every
+    entry's stat is unchanged is not listed, matched against .dockerignore or looked up
+    file by file again. The fingerprint is taken before the scan, so a tree that changed
+    while it was scanned has another one next time; one taken while an entry changed in
+    the last seconds is None, and nothing is kept or reused for it. Per process, bounded."""
+
+    MAX_TREES = 10_000
+
+    def __init__(self) -> None:
+        self._kept: dict[Path, tuple[str, ContextScan]] = {}
+        self.lock = threading.Lock()
+
+    def scan(self, root: Path) -> ContextScan:
+        fingerprint = tree_fingerprint(str(root))
+        if fingerprint is not None:
+            with self.lock:
+                kept = self._kept.get(root)
+            if kept is not None and kept[0] == fingerprint:
+                return kept[1]
+        scan = _scan(root)
+        if fingerprint is not None:
+            with self.lock:
+                if len(self._kept) >= self.MAX_TREES:
+                    self._kept.clear()
+                self._kept[root] = (fingerprint, scan)
+        return scan
+
+
+_SCANS = _Scans()
+
+
 def scan_context(repo_dir: str | Path) -> ContextScan:
     """List the context's entries (less pfbuild's output and .dockerignore'd paths) and
-    digest the code they hold; unchanged files are not read again (see _StatIndex)."""
-    root = Path(repo_dir).resolve()
+    digest the code they hold; a tree whose stat fingerprint is unchanged is not scanned
+    again (:class:`_Scans`), nor an unchanged file read again (:class:`_StatIndex`)."""
+    return _SCANS.scan(Path(repo_dir).resolve())
+
+
+def _scan(root: Path) -> ContextScan:
     # ours come last, so that no "!pattern" of the repo's can bring pfbuild's output back
     patterns = [*_read_dockerignore(root), *EXCLUDED_FROM_CONTEXT]
     names = sorted(exclude_paths(str(root), patterns, dockerfile=DOCKERFILE_IN_CONTEXT))

@@ -61,7 +61,13 @@ class BuildRun:
 
     @property
     def tag(self) -> str:
+        """The profile's newest build (``:latest``): what builds, tarballs and pushes name."""
         return self.settings.image_tag(self.resolved.profile_id)
+
+    @property
+    def code_tag(self) -> str:
+        """The image of this run's code (``:{code}``): what the answer names."""
+        return self.settings.code_tag(self.resolved.profile_id, self.scan().digest)
 
     @property
     def base_image(self) -> str:

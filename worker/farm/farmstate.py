@@ -5,8 +5,9 @@
   hash expires after the longest build, so a killed worker's entries do not linger);
 - ``Keys.failures()``: recent failures, newest first, capped;
 - ``Keys.stats()``: answers counted by cache source, failures by class;
-- ``Keys.uses(host)``: when each profile's image was last used on the host (a hit is a
-  use), the order garbage collection evicts in. A tarball's use is its mtime.
+- ``Keys.uses(host)``: when each profile's images, and each code's image
+  (``{profile_id}:{code}``), were last used on the host (a hit is a use), the order
+  garbage collection evicts in. A tarball's use is its mtime.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from typing import Any
 import redis
 
 from pfbuild.client.errors import PfbuildError
-from pfbuild.client.hosts import HostKeys
+from pfbuild.client.hosts import HostKeys, held_code
 from pfbuild.client.queue import Keys
-from pfbuild.client.settings import Settings
+from pfbuild.client.settings import Settings, is_code
 
 __all__ = ["FAILURES_KEPT", "FarmState"]
 
@@ -69,7 +70,12 @@ class FarmState:
         pipe.hdel(HostKeys.jobs(self.host), job_id)
         if answer is not None:
             profile_id = str(answer.get("profile_id"))
-            pipe.zadd(Keys.uses(self.host), {profile_id: time.time()})
+            used = {profile_id: time.time()}
+            code = str(answer.get("image_tag", "")).rpartition(":")[2]
+            if is_code(code):  # the image of this code was used (the codes it holds are
+                # read from the engine only: an answer may come after its image's removal)
+                used[held_code(profile_id, code)] = used[profile_id]
+            pipe.zadd(Keys.uses(self.host), used)
             pipe.hincrby(Keys.stats(), f"source:{answer.get('cache_source')}", 1)
             pipe.sadd(HostKeys.images(self.host), profile_id)
         self._run("a job's end", pipe)
@@ -94,13 +100,18 @@ class FarmState:
         pipe.hincrby(Keys.stats(), f"failure:{entry['failure_class'] or kind}", 1)
         self._run("a failure", pipe)
 
-    def forget_images(self, profile_ids: Sequence[str]) -> None:
-        """Images garbage collection removed: no longer used here, no longer held."""
-        if not profile_ids:
+    def forget_images(self, profile_ids: Sequence[str], codes: Sequence[str] = ()) -> None:
+        """Images garbage collection removed: no longer used here, no longer held.
+        ``profile_ids``: profiles of which no image is left; ``codes``: the code tags
+        removed (``{profile_id}:{code}``)."""
+        if not profile_ids and not codes:
             return
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zrem(Keys.uses(self.host), *profile_ids)
-        pipe.srem(HostKeys.images(self.host), *profile_ids)
+        pipe.zrem(Keys.uses(self.host), *profile_ids, *codes)
+        if profile_ids:
+            pipe.srem(HostKeys.images(self.host), *profile_ids)
+        if codes:
+            pipe.hdel(HostKeys.codes(self.host), *codes)
         self._run("removed images", pipe)
 
 

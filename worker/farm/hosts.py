@@ -26,18 +26,19 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import docker
 import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 from kombu.entity import Queue
 
 from pfbuild.client.errors import EngineUnavailable
-from pfbuild.client.hosts import HOSTS, HostKeys, host_queue, list_hosts
+from pfbuild.client.hosts import HOSTS, HostKeys, held_code, host_queue, list_hosts
 from pfbuild.client.queue import QUEUE
-from pfbuild.client.settings import Settings
+from pfbuild.client.settings import LATEST, Settings, is_code
 from pfbuild.worker.engine import DockerEngine, Engine
 
 __all__ = ["HostAgent", "install", "rescue"]
@@ -128,6 +129,7 @@ class HostAgent:
         queues: list[str],
         concurrency: int,
         consume_shared: Callable[[bool], None] = lambda on: None,
+        image_events: Callable[[], Iterable[Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.consume_shared = consume_shared
@@ -148,12 +150,23 @@ class HostAgent:
         self.engine_seen: float | None = None
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pfbuild-heartbeat", daemon=True)
+        # what the engine holds is read and written by one thread at a time
+        self.held_lock = threading.Lock()
+        self.image_events = image_events
+        # without a stream to follow (unit tests), the beat's reading is all there is
+        self.following = threading.Event()
+        if image_events is None:
+            self.following.set()
 
     def start(self) -> None:
         try:
             self.beat()  # registered before the first job can be routed here
         finally:
             self.thread.start()  # a first beat that failed is tried again by the next
+            if self.image_events is not None:
+                threading.Thread(
+                    target=self._follow_images, name="pfbuild-host-images", daemon=True
+                ).start()
 
     def stop(self) -> None:
         self.stopped.set()
@@ -172,26 +185,38 @@ class HostAgent:
             except Exception as exc:  # a Redis or engine blip: try again next beat
                 log.warning("host %s: heartbeat failed: %s", self.host_id, exc)
 
-    def held_profiles(self) -> set[str]:
+    def held(self) -> tuple[set[str], dict[str, str]]:
+        """The profiles whose images the engine holds (under ``:latest`` or a code tag),
+        and its code tags (``{profile_id}:{code}``), each with the image id it names."""
         prefix = f"{self.settings.image_repository}/"
-        return {
-            tag[len(prefix) :].rpartition(":")[0]
-            for tag in self.engine().tags(self.settings.image_repository)
-            if tag.endswith(":latest")
-        }
+        profiles, codes = set(), {}
+        for tag, image_id in self.engine().tagged(self.settings.image_repository).items():
+            profile_id, _, name = tag[len(prefix) :].rpartition(":")
+            if name == LATEST or is_code(name):
+                profiles.add(profile_id)
+            if is_code(name):
+                codes[held_code(profile_id, name)] = image_id
+        return profiles, codes
 
-    def read_engine(self) -> tuple[bool, set[str]]:
-        """Whether the engine answers, and the profiles whose images it holds."""
+    def held_profiles(self) -> set[str]:
+        return self.held()[0]
+
+    def read_engine(self) -> tuple[bool, tuple[set[str], dict[str, str]]]:
+        """Whether the engine answers, and what it holds (:meth:`held`)."""
         try:
             if self.engine().ping(timeout=_PING_TIMEOUT):
-                return True, self.held_profiles()
+                return True, self.held()
         except EngineUnavailable:  # not even a connection (it is made again next beat)
             pass
-        return False, set()
+        return False, (set(), {})
 
     def beat(self) -> None:
-        ok, held = self.read_engine()
-        key = HostKeys.images(self.host_id)
+        with self.held_lock:  # no older read of the engine is written over a newer one
+            ok, held = self.read_engine()
+            self._beat(ok, held)
+
+    def _beat(self, ok: bool, held: tuple[set[str], dict[str, str]]) -> None:
+        profiles, codes = held
         now = time.time()
         if ok != self.engine_ok:
             level = logging.INFO if ok else logging.WARNING
@@ -204,10 +229,47 @@ class HostAgent:
         pipe.sadd(HOSTS, self.host_id)
         pipe.set(HostKeys.last_seen(self.host_id), now)
         pipe.set(HostKeys.heartbeat(self.host_id), json.dumps(beat), ex=self.settings.host_ttl)
-        pipe.delete(key)
-        if held:
-            pipe.sadd(key, *sorted(held))
+        self._write_held(pipe, profiles, codes)
         pipe.execute()
+
+    def _write_held(self, pipe: Any, profiles: set[str], codes: dict[str, str]) -> None:
+        """What the engine holds, on ``pipe``. The codes (what clients answer hits from,
+        client/hits.py) only while the image events are followed: without them an image
+        removed by hand would be answered as held until the next beat."""
+        key, codes_key = HostKeys.images(self.host_id), HostKeys.codes(self.host_id)
+        pipe.delete(key, codes_key)
+        if profiles:
+            pipe.sadd(key, *sorted(profiles))
+        if codes and self.following.is_set():
+            pipe.hset(codes_key, mapping=codes)
+
+    def refresh_held(self) -> None:
+        """Read again what the engine holds and record it now (an image event came)."""
+        with self.held_lock:
+            ok, (profiles, codes) = self.read_engine()
+            pipe = self.client.pipeline(transaction=True)
+            self._write_held(pipe, profiles if ok else set(), codes if ok else {})
+            pipe.execute()
+
+    def _follow_images(self) -> None:
+        """Record what the engine holds at each of its image events (tag, untag, delete,
+        load, pull, by anyone); while the stream is down, record no codes at all."""
+        assert self.image_events is not None
+        while not self.stopped.is_set():
+            try:
+                stream = self.image_events()
+                self.following.set()
+                self.refresh_held()
+                for _event in stream:
+                    self.refresh_held()
+                    if self.stopped.is_set():
+                        break
+            except Exception as exc:  # engine gone or restarting: no codes until it is back
+                log.debug("host %s: image events ended: %s", self.host_id, exc)
+            self.following.clear()
+            with contextlib.suppress(Exception):
+                self.refresh_held()
+            self.stopped.wait(1.0)
 
     def steer(self) -> None:
         """Take jobs from the shared queue only while this engine answers, or while no other
@@ -287,6 +349,12 @@ def _start_agent(
             engine["e"] = DockerEngine(settings.docker_host_name(), timeout=30)
         return engine["e"]
 
+    def image_events() -> Iterable[Any]:
+        # a client of its own: the stream holds its connection for as long as it runs
+        api = docker.APIClient(base_url=settings.docker_host_name(), version="auto", timeout=None)
+        api.trust_env = False
+        return api.events(decode=True, filters={"type": "image"})  # type: ignore[no-any-return]
+
     agent = HostAgent(
         settings,
         client,
@@ -295,6 +363,7 @@ def _start_agent(
         queues=queues,
         concurrency=int(getattr(getattr(consumer, "controller", None), "concurrency", 0) or 0),
         consume_shared=consume_shared,
+        image_events=image_events,
     )
     try:
         agent.start()

@@ -388,9 +388,10 @@ def register(
         resultrepr_maxsize = 120
 
     @app.task(name=PING_TASK, shared=False)  # type: ignore[untyped-decorator]
-    def ping() -> str:
-        """A task that does nothing: the baseline of the queue benchmark."""
-        return "pong"
+    def ping(size: int = 0) -> str:
+        """A task that does nothing: the baseline of the benchmarks; its result is ``size``
+        bytes when asked (as large as an answer), else ``pong``."""
+        return "p" * min(size, 1 << 20) if size else "pong"
 
     @app.task(bind=True, base=BuildTask, name=TASK_NAME, shared=False)  # type: ignore[untyped-decorator]
     def build(self: Task, **kwargs: Any) -> dict[str, Any]:

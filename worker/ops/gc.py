@@ -2,9 +2,10 @@
 (docs/design.md, "Garbage collection").
 
 A host keeps at most ``Settings.gc_max_images`` images of its farm's profiles (tagged
-``{image_repository}/{profile_id}:latest``), evicting the least recently used first:
-each answer records a use in ``Keys.uses(host)`` (a hit is a use); an image never used
-through the queue counts from its creation. Dangling images a rebuild left (they carry
+``{image_repository}/{profile_id}:latest`` or ``:{code}``: an image is one item, whatever
+its tags), evicting the least recently used first: each answer records a use of its
+code's image in ``Keys.uses(host)`` (a hit is a use); an image never used through the
+queue counts from its creation. Dangling images a rebuild left (they carry
 the farm's labels, not its tag) are always collected. Each tarball folder keeps at most
 ``Settings.gc_max_tarball_bytes``, oldest use (the file's mtime) first; quarantined
 tarballs go before any other.
@@ -29,8 +30,9 @@ import docker
 import docker.errors
 import redis
 
+from pfbuild.client.hosts import held_code
 from pfbuild.client.queue import Keys
-from pfbuild.client.settings import Settings
+from pfbuild.client.settings import Settings, is_code
 from pfbuild.worker import layout
 from pfbuild.worker.build.ladder import LABEL_PROFILE, LABEL_REPOSITORY
 from pfbuild.worker.farm.farmstate import FarmState
@@ -100,6 +102,7 @@ class Collector:
         self.settings = settings
         self.redis = client
         self.host = settings.host_id
+        self._tagged: list[Item] = []  # what the last plan found tagged
 
     # --- what must stay -------------------------------------------------------------
     def busy_profiles(self, profiles: Iterable[str]) -> dict[str, str]:
@@ -141,13 +144,12 @@ class Collector:
             profile_id = labels.get(LABEL_PROFILE)
             tags = [t for t in img.get("RepoTags") or [] if t != "<none>:<none>"]
             ours = [t for t in tags if t.startswith(prefix) or f"/{prefix}" in t]
-            created = float(img.get("Created") or 0)
             item = Item(
                 kind="image",
                 name=ours[0] if ours else str(img["Id"]),
                 profile_id=profile_id,
                 size=int(img.get("Size") or 0),
-                last_used=uses.get(profile_id or "", created),
+                last_used=_last_use(uses, profile_id, ours, float(img.get("Created") or 0)),
                 image_id=str(img["Id"]),
                 tags=ours,
             )
@@ -160,6 +162,7 @@ class Collector:
 
     def plan_images(self, result: GcResult) -> list[Item]:
         tagged, dangling = self.images()
+        self._tagged = tagged
         in_use = self.used_by_containers()
         busy = self.busy_profiles({i.profile_id for i in tagged + dangling if i.profile_id})
         result.images = len(tagged)
@@ -253,8 +256,11 @@ class Collector:
             metrics().gc_freed_bytes.labels(item.kind).inc(item.size)
         if self.redis is None:
             return
-        gone = [i.profile_id for i in result.removed if i.kind == "image" and i.profile_id]
-        FarmState(self.redis, self.settings).forget_images(gone)
+        removed = [i for i in result.removed if i.kind == "image" and i.profile_id]
+        left = {i.profile_id for i in self._tagged if i not in removed}
+        gone = sorted({str(i.profile_id) for i in removed} - left)
+        codes = [c for i in removed for c in _codes(i)]
+        FarmState(self.redis, self.settings).forget_images(gone, codes)
         report = {k: v for k, v in result.to_json().items() if k not in ("removed", "kept")}
         report["removed"] = len(result.removed)
         report["image_bytes"] = self.image_bytes()
@@ -270,6 +276,23 @@ class Collector:
 
 def _lru(item: Item) -> float:
     return item.last_used
+
+
+def _codes(item: Item) -> list[str]:
+    """The code tags of an image item, as named in uses and hosts (``{profile_id}:{code}``)."""
+    names = (t.rpartition(":")[2] for t in item.tags)
+    return [held_code(item.profile_id, n) for n in names if item.profile_id and is_code(n)]
+
+
+def _last_use(uses: dict[str, float], profile_id: str | None, tags: list[str], created: float
+              ) -> float:
+    """When an image was last used: its code's last use; an image with no code tag (built
+    before them) the profile's; never used, its creation."""
+    codes = [held_code(profile_id or "", t.rpartition(":")[2]) for t in tags
+             if is_code(t.rpartition(":")[2])]
+    if codes:
+        return max([uses.get(c, 0.0) for c in codes]) or created
+    return uses.get(profile_id or "", created)
 
 
 class PeriodicGc:

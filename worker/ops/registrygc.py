@@ -1,8 +1,9 @@
 """Garbage collection of the shared registry under a budget (docs/design.md, "Garbage
 collection").
 
-The registry keeps at most ``Settings.gc_max_registry_images`` profiles' images, the
-least recently used across the farm going first: a profile's last use is the latest of
+The registry keeps at most ``Settings.gc_max_registry_images`` profiles' images (a
+profile's ``latest`` and each code's tag), the least recently used across the farm going
+first: a profile's last use is the latest of
 every host's record (``Keys.uses``), or the time its image was pushed if no host has
 used it since. Evicting deletes the image's manifest through the registry's HTTP API
 (``delete: enabled`` in its config); the layers no manifest names any more are freed by
@@ -108,17 +109,27 @@ class RegistryCollector:
         return evict, sorted(busy & set(ordered[:over]))
 
     def evict(self, profile_id: str) -> bool:
-        """Delete the profile's manifest; True when the registry no longer serves it."""
-        url = f"{self.base}/{self.settings.image_repository}/{profile_id}/manifests"
-        head = self.http.head(f"{url}/latest", headers={"Accept": _MANIFESTS}, timeout=_TIMEOUT)
-        digest = head.headers.get("Docker-Content-Digest")
-        if head.status_code == 404 or not digest:
-            return head.status_code == 404
-        gone = self.http.delete(f"{url}/{digest}", timeout=_TIMEOUT)
-        if gone.status_code not in (202, 404):
-            log.warning("registry kept %s: HTTP %s %s", profile_id, gone.status_code, gone.text)
-            return False
-        return True
+        """Delete the manifests of every tag of the profile (``latest`` and each code's);
+        True when the registry no longer serves any of them."""
+        url = f"{self.base}/{self.settings.image_repository}/{profile_id}"
+        listed = self.http.get(f"{url}/tags/list", timeout=_TIMEOUT)
+        if listed.status_code == 404:
+            return True
+        listed.raise_for_status()
+        digests = set()
+        for tag in listed.json().get("tags") or []:
+            head = self.http.head(
+                f"{url}/manifests/{tag}", headers={"Accept": _MANIFESTS}, timeout=_TIMEOUT
+            )
+            if head.headers.get("Docker-Content-Digest"):
+                digests.add(head.headers["Docker-Content-Digest"])
+        ok = True
+        for digest in sorted(digests):  # deleting a manifest drops every tag naming it
+            gone = self.http.delete(f"{url}/manifests/{digest}", timeout=_TIMEOUT)
+            if gone.status_code not in (202, 404):
+                log.warning("registry kept %s: HTTP %s %s", profile_id, gone.status_code, gone.text)
+                ok = False
+        return ok
 
     def run(self, *, dry_run: bool = False, say: Callable[[str], None] = log.info) -> list[str]:
         """Evict what is over budget (or, dry, only say what would go); what went."""

@@ -123,3 +123,43 @@ def test_symlinks_stay_links(tmp_path: Path) -> None:
     os.symlink("pkg/mod.py", tmp_path / "link.py")
     link = next(m for m in _members(tmp_path) if m.name == "link.py")
     assert link.issym() and link.linkname == "pkg/mod.py"
+
+
+@pytest.mark.parametrize("change", ["content", "same size and mtime", "mode", "rename",
+                                    "new file", "link target", "dockerignore"])
+def test_a_tree_seen_before_is_not_scanned_again_until_it_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    from pfbuild.client import hits
+
+    _tree(tmp_path)
+    os.symlink("setup.py", tmp_path / "link.py")
+    (tmp_path / "setup.py").write_text("abc")
+    monkeypatch.setattr(hits, "RACY_SECONDS", -1e12)  # trust stats taken this very moment
+    first = scan_context(tmp_path)
+    assert scan_context(tmp_path) is first  # unchanged: the same scan, nothing listed again
+    target = tmp_path / "setup.py"
+    if change == "content":
+        target.write_text("changed")
+    elif change == "same size and mtime":
+        st = target.stat()
+        target.write_bytes(b"xyz")
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # only its ctime tells
+    elif change == "mode":
+        os.chmod(target, 0o755)
+    elif change == "rename":
+        os.rename(target, tmp_path / "setup2.py")
+    elif change == "new file":
+        (tmp_path / "pkg" / "new.py").write_text("")
+    elif change == "link target":
+        os.remove(tmp_path / "link.py")
+        os.symlink("run.sh", tmp_path / "link.py")
+    else:
+        (tmp_path / ".dockerignore").write_text("docs/\nsetup.py\n")
+    again = scan_context(tmp_path)
+    assert again is not first and again.digest != first.digest
+
+
+def test_a_tree_changing_now_is_never_taken_from_memory(tmp_path: Path) -> None:
+    _tree(tmp_path)  # written this moment: its fingerprint is not trusted
+    first = scan_context(tmp_path)
+    assert scan_context(tmp_path) is not first

@@ -12,6 +12,7 @@ import pytest
 
 from pfbuild.client.models import BuildRequest
 from pfbuild.client.settings import Settings
+from tests.fakes import drop_image
 from tests.fakes import run_request as run_build
 from tests.hostsupport import BuildCounter, delete_from_registry
 
@@ -52,8 +53,8 @@ def test_built_on_a_is_answered_on_b_from_the_registry_without_a_build(
               f"pull on B {fetched.timings.pull:.2f}s")
     finally:
         if built is not None:
-            docker_engine.remove(built.image_tag)
-            host_b.remove(built.image_tag)
+            drop_image(docker_engine, built.image_tag)
+            drop_image(host_b, built.image_tag)
             if built.manifest.registry is not None:
                 delete_from_registry(registry_addr, f"patchfoundry/{built.profile_id}",
                                      built.manifest.registry.digest)

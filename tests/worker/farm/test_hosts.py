@@ -250,3 +250,26 @@ def test_a_host_whose_engine_is_down_stops_taking_shared_jobs_while_another_answ
     b.beat()
     b.steer()
     assert calls == [False, True, False, True]  # its engine is back
+
+
+def test_code_tags_count_as_held_images_and_are_listed(r: Any) -> None:
+    # p1's newest build, an older tree's image of p1 (its code tag only), p2 by code only
+    a = _agent(r, "a", "patchfoundry/p1:latest", "patchfoundry/p1:0123456789ab",
+               "patchfoundry/p2:abcdefabcdef", "patchfoundry/p3:not-a-code")
+    a.beat()
+    (host,) = list_hosts(r)
+    assert host.images == ["p1", "p2"]
+    assert host.codes == ["p1:0123456789ab", "p2:abcdefabcdef"]
+    engine = a.engine()
+    assert isinstance(engine, FakeEngine)
+    engine.images.pop("patchfoundry/p2:abcdefabcdef")  # removed by hand: forgotten next beat
+    a.beat()
+    assert (list_hosts(r)[0].images, list_hosts(r)[0].codes) == (["p1"], ["p1:0123456789ab"])
+
+
+def test_hits_are_spread_over_the_holders(r: Any) -> None:
+    # hits record no running job: equal holders must share them, not the first take all
+    _agent(r, "a", "patchfoundry/p1:latest").beat()
+    _agent(r, "b", "patchfoundry/p1:latest").beat()
+    chosen = {choose_queue(r, Settings(), _req(), "p1") for _ in range(40)}
+    assert chosen == {host_queue("a"), host_queue("b")}

@@ -92,3 +92,30 @@ def test_farm_state(url: str) -> None:
     state.forget_images(["p1"])
     assert r.zscore(Keys.uses("h1"), "p1") is None
     assert not r.sismember(HostKeys.images("h1"), "p1")
+
+
+def test_farm_state_records_the_code_of_each_answer(url: str) -> None:
+    r = redis.Redis.from_url(url, decode_responses=True)
+    state = FarmState(r, Settings(host_id="h1"))
+    state.ended("job-1", {**_answer(), "image_tag": "patchfoundry/p1:0123456789ab"})
+    assert r.zscore(Keys.uses("h1"), "p1:0123456789ab") is not None  # what GC orders by
+    assert r.zscore(Keys.uses("h1"), "p1") is not None  # the registry's GC reads profiles
+    # what the host holds is read from its engine, never taken from an answer
+    assert r.hgetall(HostKeys.codes("h1")) == {}
+    r.hset(HostKeys.codes("h1"), "p1:0123456789ab", "sha256:x")  # as a beat would
+    state.forget_images([], ["p1:0123456789ab"])  # that code's image went; p1 has others
+    assert r.hgetall(HostKeys.codes("h1")) == {}
+    assert r.zscore(Keys.uses("h1"), "p1:0123456789ab") is None
+    assert r.sismember(HostKeys.images("h1"), "p1")
+
+
+def test_gc_orders_images_by_the_use_of_their_code() -> None:
+    from pfbuild.worker.ops.gc import _last_use
+
+    uses = {"p1": 500.0, "p1:0123456789ab": 300.0}
+    # an older tree's image: its own code's last use, not the profile's
+    assert _last_use(uses, "p1", ["patchfoundry/p1:0123456789ab"], 100.0) == 300.0
+    # an image whose code was never answered here: its creation
+    assert _last_use(uses, "p1", ["patchfoundry/p1:abcdefabcdef"], 100.0) == 100.0
+    # an image tagged before code tags: the profile's use
+    assert _last_use(uses, "p1", ["patchfoundry/p1:latest"], 100.0) == 500.0

@@ -1,0 +1,165 @@
+"""Hits the farm already knows, answered by the client with no worker round trip.
+
+A client remembers, per checkout (repository, profile, cache folder), the answer a worker
+gave it and the *stat fingerprint* of the checkout taken just before it submitted: every
+entry's name, mode, size, mtime, inode and ctime, as git's index keeps them, less
+pfbuild's own output. The next submit of that checkout takes the fingerprint again;
+when it is unchanged, the code is the code the worker digested, and the client asks Redis,
+in one round trip (:data:`_HELD`), whether a live host whose engine answers holds that
+code's image under its code tag, with the very image id it was answered. If so, that is
+the answer (``cache_source: "local"``, the worker and host of that holder), and the use is
+recorded for garbage collection as a worker would; if not, the request goes to the queue.
+
+Why this is safe (docs/design.md, "What a hit means"):
+
+- any change to the tree moves some entry's stat (an edit, a new or removed file, a
+  rename); a fingerprint taken while an entry changed within the last seconds is not
+  trusted (a write within the clock's tick would leave its stat alone), so nothing racy
+  is remembered or answered;
+- the fingerprint is taken *before* the submit: if the tree changed while the worker
+  digested it, the next fingerprint differs from the remembered one and the worker is
+  asked again;
+- the fingerprint covers files ``.dockerignore`` leaves out too: editing one sends the
+  request to a worker, which answers a hit; nothing wrong is answered;
+- a host records its codes from its engine only, at each beat and at each of the
+  engine's image events, and records none while it does not follow those events: an image
+  removed, or a code tag moved to another image, is seen within milliseconds of the
+  engine's event, as by a worker's own image watch (``worker/imagewatch.py``).
+
+Nothing here imports the docker SDK or ``pfbuild.worker``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import threading
+import time
+from typing import Any
+
+from pfbuild.client.hosts import HostInfo, HostKeys, held_code
+from pfbuild.client.models import BuildAnswer, Timings
+from pfbuild.client.queue import Keys
+
+__all__ = ["KnownHits", "tree_fingerprint"]
+
+# pfbuild's own output inside a repository (worker/layout.py: EXCLUDED_FROM_CONTEXT)
+_OWN_OUTPUT = (".pf_manifest", ".tmp-test")
+# an entry changed this recently may change again without its stat showing it
+RACY_SECONDS = 2.0
+_MAX_CHECKOUTS = 10_000
+
+
+def tree_fingerprint(root: str) -> str | None:
+    """The stat fingerprint of the tree at ``root`` (see the module docstring); None when
+    an entry changed within :data:`RACY_SECONDS` or the tree cannot be read."""
+    now = time.time()
+    digest = hashlib.sha256()
+    pending = [""]
+    try:
+        while pending:
+            folder = pending.pop()
+            with os.scandir(os.path.join(root, folder)) as entries:
+                found = sorted((e.name, e) for e in entries)
+            for name, entry in found:
+                if not folder and name in _OWN_OUTPUT:
+                    continue
+                path = f"{folder}/{name}" if folder else name
+                st = entry.stat(follow_symlinks=False)
+                if now - max(st.st_mtime, st.st_ctime) < RACY_SECONDS:
+                    return None
+                digest.update(
+                    f"{path}\0{st.st_mode:o} {st.st_size} {st.st_mtime_ns} {st.st_ino} "
+                    f"{st.st_ctime_ns}\n".encode("utf-8", "surrogateescape")
+                )
+                if stat.S_ISDIR(st.st_mode):
+                    pending.append(path)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+# Whether a live host whose engine answers holds the code tag naming the image id, and if
+# so record the use as a worker's answer would (garbage collection orders by it).
+# KEYS: stats, then per candidate host: heartbeat, codes, uses.
+# ARGV: "{profile_id}:{code}", image id, profile id, now. Returns the holder's index.
+_HELD = """
+for i = 2, #KEYS, 3 do
+  local beat = redis.call('get', KEYS[i])
+  if beat and redis.call('hget', KEYS[i + 1], ARGV[1]) == ARGV[2] then
+    local ok, info = pcall(cjson.decode, beat)
+    if ok and type(info) == 'table' and info['engine_ok'] ~= false then
+      redis.call('zadd', KEYS[i + 2], ARGV[4], ARGV[3], ARGV[4], ARGV[1])
+      redis.call('hincrby', KEYS[1], 'source:local', 1)
+      return (i - 2) / 3 + 1
+    end
+  end
+end
+return 0
+"""
+
+
+class KnownHits:
+    """One client's memory of the answers its checkouts got (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._known: dict[tuple[str, ...], tuple[str, BuildAnswer]] = {}
+
+    def learn(self, key: tuple[str, ...], fingerprint: str, answer: BuildAnswer) -> None:
+        """Remember ``answer`` for the checkout ``key`` as it was at ``fingerprint``."""
+        if not answer.context_sha256 or not answer.image_id:
+            return
+        with self._lock:
+            if len(self._known) >= _MAX_CHECKOUTS:
+                self._known.clear()
+            self._known[key] = (fingerprint, answer)
+
+    def recall(self, key: tuple[str, ...], fingerprint: str) -> BuildAnswer | None:
+        """The answer remembered for ``key`` if the checkout is as it was then."""
+        with self._lock:
+            known = self._known.get(key)
+        if known is None or known[0] != fingerprint:
+            return None
+        return known[1]
+
+    def answer(
+        self, client: Any, known: BuildAnswer, hosts: list[HostInfo], started: float
+    ) -> BuildAnswer | None:
+        """``known`` again, if a live host among ``hosts`` holds its image under its code
+        tag (one round trip, ``client`` a redis client); else None."""
+        if not hosts or not os.path.isfile(known.manifest_path):
+            return None
+        code = known.image_tag.rpartition(":")[2]
+        keys = [Keys.stats()]
+        for host in hosts:
+            keys += [
+                HostKeys.heartbeat(host.host_id),
+                HostKeys.codes(host.host_id),
+                Keys.uses(host.host_id),
+            ]
+        member = held_code(known.profile_id, code)
+        found = int(
+            client.eval(_HELD, len(keys), *keys, member, known.image_id, known.profile_id,
+                        time.time())
+        )
+        if not found:
+            return None
+        holder = hosts[found - 1].host_id
+        spent = time.monotonic() - started
+        worker = f"{holder}:client"
+        return known.model_copy(
+            update={
+                "cache_source": "local",
+                "reused_cache": True,
+                "worker": worker,
+                "docker_host": holder,
+                "attempts": [],
+                "timings": Timings(cache_check=spent, total=spent),
+                "manifest": known.manifest.model_copy(
+                    update={"cache_source": "local", "worker": worker, "docker_host": holder,
+                            "attempts": [], "events": []}
+                ),
+            }
+        )
