@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from pfbuild.worker.localfarm import free_port
+from pfbuild.worker.bench.localfarm import free_port
 from tests.conftest import missing
 
 pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("compose")]

@@ -17,7 +17,7 @@ import redis
 from pfbuild.client.errors import ExitCode
 from pfbuild.client.hosts import HOSTS, HostKeys
 from pfbuild.client.queue import QUEUE
-from pfbuild.worker.localfarm import RedisServer
+from pfbuild.worker.bench.localfarm import RedisServer
 
 pytestmark = [pytest.mark.redis]
 
