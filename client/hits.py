@@ -31,53 +31,19 @@ Nothing here imports the docker SDK or ``pfbuild.worker``.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import stat
 import threading
 import time
 from typing import Any
 
+from pfbuild.client.fingerprint import tree_fingerprint
 from pfbuild.client.hosts import HostInfo, HostKeys, held_code
 from pfbuild.client.models import BuildAnswer, Timings
 from pfbuild.client.queue import Keys
 
 __all__ = ["KnownHits", "tree_fingerprint"]
 
-# pfbuild's own output inside a repository (worker/layout.py: EXCLUDED_FROM_CONTEXT)
-_OWN_OUTPUT = (".pf_manifest", ".tmp-test")
-# an entry changed this recently may change again without its stat showing it
-RACY_SECONDS = 2.0
 _MAX_CHECKOUTS = 10_000
-
-
-def tree_fingerprint(root: str) -> str | None:
-    """The stat fingerprint of the tree at ``root`` (see the module docstring); None when
-    an entry changed within :data:`RACY_SECONDS` or the tree cannot be read."""
-    now = time.time()
-    digest = hashlib.sha256()
-    pending = [""]
-    try:
-        while pending:
-            folder = pending.pop()
-            with os.scandir(os.path.join(root, folder)) as entries:
-                found = sorted((e.name, e) for e in entries)
-            for name, entry in found:
-                if not folder and name in _OWN_OUTPUT:
-                    continue
-                path = f"{folder}/{name}" if folder else name
-                st = entry.stat(follow_symlinks=False)
-                if now - max(st.st_mtime, st.st_ctime) < RACY_SECONDS:
-                    return None
-                digest.update(
-                    f"{path}\0{st.st_mode:o} {st.st_size} {st.st_mtime_ns} {st.st_ino} "
-                    f"{st.st_ctime_ns}\n".encode("utf-8", "surrogateescape")
-                )
-                if stat.S_ISDIR(st.st_mode):
-                    pending.append(path)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 # Whether a live host whose engine answers holds the code tag naming the image id, and if

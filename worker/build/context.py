@@ -23,7 +23,7 @@ from typing import IO
 
 from docker.utils.build import exclude_paths
 
-from pfbuild.client.hits import tree_fingerprint
+from pfbuild.client.fingerprint import tree_fingerprint
 from pfbuild.client.inputs import read_bounded
 from pfbuild.worker.layout import EXCLUDED_FROM_CONTEXT
 
@@ -135,7 +135,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 class _Scans:
     """The last scan of each tree, kept with the tree's stat fingerprint taken before it
-    (:func:`pfbuild.client.hits.tree_fingerprint`): a checkout seen before whose every
+    (:func:`pfbuild.client.fingerprint.tree_fingerprint`): a checkout seen before whose every
     entry's stat is unchanged is not listed, matched against .dockerignore or looked up
     file by file again. The fingerprint is taken before the scan, so a tree that changed
     while it was scanned has another one next time; one taken while an entry changed in

@@ -129,12 +129,12 @@ def test_symlinks_stay_links(tmp_path: Path) -> None:
                                     "new file", "link target", "dockerignore"])
 def test_a_tree_seen_before_is_not_scanned_again_until_it_changes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
-    from pfbuild.client import hits
+    from pfbuild.client import fingerprint
 
     _tree(tmp_path)
     os.symlink("setup.py", tmp_path / "link.py")
     (tmp_path / "setup.py").write_text("abc")
-    monkeypatch.setattr(hits, "RACY_SECONDS", -1e12)  # trust stats taken this very moment
+    monkeypatch.setattr(fingerprint, "RACY_SECONDS", -1e12)  # trust stats taken this very moment
     first = scan_context(tmp_path)
     assert scan_context(tmp_path) is first  # unchanged: the same scan, nothing listed again
     target = tmp_path / "setup.py"
