@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.client.test_startup import loaded
+from tests.fakes import drop_image
 
 pytestmark = pytest.mark.docker
 
@@ -69,11 +70,12 @@ def test_cli_hits_hold_this_code(docker_engine, tmp_path: Path,  # type: ignore[
     assert hit["cache_source"] == "local" and hit["image_id"] == first["image_id"]
     assert not [m for m in heavy if m.split(".")[0] in FARM]  # no broker, no worker started
 
-    # retagged: B's build moves the profile's tag to B's image; A's next submit is no hit
+    # B's build moves the profile's :latest to B's image; A's own code tag still names A's
     other, _ = _submit(b, env)
     assert other["cache_source"] == "built" and other["image_id"] != first["image_id"]
+    assert other["image_tag"] != first["image_tag"]
     again, _ = _submit(a, env)
-    assert again["cache_source"] == "built" and again["image_id"] != other["image_id"]
+    assert again["cache_source"] == "local" and again["image_id"] == first["image_id"]
     _holds(docker_engine, again, "code of A")
 
     # retagged by hand, to an image of the profile with other code
@@ -89,7 +91,7 @@ def test_cli_hits_hold_this_code(docker_engine, tmp_path: Path,  # type: ignore[
     _holds(docker_engine, edited, "code of A, edited")
 
     # removed: never answered as held; it comes back from the tarball or a build
-    docker_engine.remove(edited["image_tag"])
+    drop_image(docker_engine, edited["image_tag"])  # its code tag and :latest
     back, _ = _submit(a, env)
     assert back["cache_source"] in ("tarball", "built")
     _holds(docker_engine, back, "code of A, edited")
