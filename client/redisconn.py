@@ -168,7 +168,8 @@ def connect(
     sentinel = Sentinel(
         list(parsed.sentinels), sentinel_kwargs=_sentinel_kwargs(socket_timeout), **master
     )
-    return sentinel.master_for(settings.redis_sentinel_master)
+    client: redis.Redis = sentinel.master_for(settings.redis_sentinel_master)
+    return client
 
 
 def over_sentinel(client: redis.Redis) -> bool:

@@ -92,7 +92,7 @@ class _Agent(threading.Thread):
             self.submitted.set()
 
 
-def _cli(args: list[str], env: dict[str, str], **kw: Any) -> Any:
+def _cli(args: list[str], env: dict[str, str], **kw: Any) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "pfbuild.client.cli", *args],
                             env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
@@ -125,8 +125,9 @@ def _start_builds(url: str, env: dict[str, str], repo: Path) -> tuple[list[Any],
                for req in requests]
 
     def sent() -> bool:  # every CLI agent has claimed its flight and sent its job
-        holders = [r.get(key) for key in flights]
-        return all(h and r.get(Keys.job(h.decode())) in (b"sent", b"running") for h in holders)
+        holders: list[Any] = [r.get(key) for key in flights]
+        records: list[Any] = [r.get(Keys.job(h.decode())) if h else None for h in holders]
+        return all(rec in (b"sent", b"running") for rec in records)
 
     _until("the CLI agents did not send their jobs", sent, 60)
     agents = [_Agent(url, req) for req in requests for _ in range(AGENTS - 1)]
@@ -180,8 +181,8 @@ def test_a_master_killed_mid_build_loses_no_agent(farm: dict[str, Any], tmp_path
     builds = dict(counter.builds)
     cleanup_images.extend(a["image_tag"] for a in answers)
     farm["refs"].extend(a["manifest"]["registry"] for a in answers if a["manifest"]["registry"])
-    errors = [(p.returncode, err[-300:]) for p, (_, err) in zip(clis, outs, strict=True)
-              if p.returncode != 0]
+    errors: list[Any] = [(p.returncode, err[-300:])
+                         for p, (_, err) in zip(clis, outs, strict=True) if p.returncode != 0]
     errors += [repr(a.error) for a in agents if a.error is not None]
     times = sorted([a.at - killed for a in agents] + [cli_at - killed])
     ids = {a.answer.profile_id for a in agents if a.answer is not None}

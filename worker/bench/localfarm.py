@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -85,6 +86,12 @@ def _wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
     raise RuntimeError(f"{what} within {timeout:.0f}s")
 
 
+def _master_addr(sentinel: redis.Redis, name: str) -> int | None:
+    """The master's port as this Sentinel names it, or None."""
+    found: Any = sentinel.sentinel_get_master_addr_by_name(name)
+    return int(found[1]) if found else None
+
+
 class SentinelSet:
     """A master (AOF), one replica and three Sentinels (quorum 2) on free loopback ports,
     as README's "Redis with Sentinel" sets them up; :attr:`url` is the Sentinel URL a farm
@@ -138,10 +145,9 @@ class SentinelSet:
         """The master's port as the Sentinels name it now (the first that answers)."""
         for port in self.sentinels:
             with contextlib.suppress(redis.RedisError):
-                found = redis.Redis(port=port, socket_timeout=1)\
-                    .sentinel_get_master_addr_by_name(self.master)
+                found = _master_addr(redis.Redis(port=port, socket_timeout=1), self.master)
                 if found:
-                    return int(found[1])
+                    return found
         return None
 
     def wait_ready(self, master: int, timeout: float = 60) -> None:
@@ -150,10 +156,9 @@ class SentinelSet:
         def ready() -> bool:
             for port in self.sentinels:
                 s = redis.Redis(port=port, socket_timeout=1)
-                found = s.sentinel_get_master_addr_by_name(self.master)
-                if not found or int(found[1]) != master:
+                if _master_addr(s, self.master) != master:
                     return False
-                info = s.sentinel_master(self.master)
+                info: Any = s.sentinel_master(self.master)
                 if int(info.get("num-slaves", 0)) < 1:
                     return False
                 if int(info.get("num-other-sentinels", 0)) < 2:

@@ -105,7 +105,7 @@ class ProfileLock:
     def _replicate(self) -> None:
         """Wait until a replica has the lock and fence, so a failover keeps them."""
         try:
-            acked = int(self.client.wait(1, _REPLICA_WAIT_MS))  # type: ignore[arg-type]
+            acked = int(self.client.wait(1, _REPLICA_WAIT_MS))
         except redis.ResponseError:
             acked = 0  # a server without WAIT: the take-back below is all there is
         if not acked:
