@@ -49,6 +49,7 @@ from pfbuild.client.queue import (
     mark_sent,
     signal_done,
 )
+from pfbuild.client.redisconn import connect
 from pfbuild.client.settings import Settings
 
 __all__ = ["BuildClient", "BuildJob", "JobStatus"]
@@ -313,8 +314,8 @@ class BuildClient:
         self.url = url
         timeout = self.settings.redis_socket_timeout
         self.app = make_celery(self.settings, url, name="pfbuild.client", socket_timeout=timeout)
-        self.redis = redis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        self.redis = connect(
+            url, self.settings, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self.router = Router(self.redis, self.settings)
         self.blocking_reads = True  # False once Redis turns out to have no BLMOVE

@@ -10,9 +10,10 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 
 from pfbuild.client.models import JobState
+from pfbuild.client.redisconn import canonical_url, is_sentinel, transport_options
 from pfbuild.client.settings import Settings
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "JobState",
     "Keys",
     "PollingRedisBackend",
+    "PollingSentinelBackend",
     "claim_flight",
     "claim_flight_command",
     "end_flight",
@@ -242,20 +244,36 @@ class PollingRedisBackend(RedisBackend):  # type: ignore[misc]
         pass
 
 
+class PollingSentinelBackend(PollingRedisBackend, SentinelBackend):  # type: ignore[misc]
+    """:class:`PollingRedisBackend` over Sentinel: Celery's ``SentinelBackend`` reads the
+    ``sentinel://`` URL and asks the Sentinels for the master's pool
+    (``result_backend_transport_options``: ``master_name``); the rest is unchanged."""
+
+
+def _path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def make_celery(
     settings: Settings,
     redis_url: str,
     *,
     name: str = "pfbuild",
     socket_timeout: float | None = None,
-    backend: str = f"{__name__}.PollingRedisBackend",
+    backend: type = PollingRedisBackend,
+    sentinel_backend: type = PollingSentinelBackend,
 ) -> Celery:
     """The part of the Celery app both sides share: Redis broker and backend, JSON only.
 
-    ``backend`` is the result backend's class (the worker's stores results its own way).
-    ``socket_timeout`` bounds each result-backend call (a client's reads), so a Redis that
-    accepts but never answers is an error in seconds, not a hang."""
-    app = Celery(name, broker=redis_url, backend=f"{backend}+{redis_url}")
+    ``backend`` is the result backend's class (the worker's stores results its own way),
+    ``sentinel_backend`` its twin for a ``sentinel://`` URL (client/redisconn.py), whose
+    broker and backend are also told the master's name. ``socket_timeout`` bounds each
+    result-backend call (a client's reads), so a Redis that accepts but never answers is an
+    error in seconds, not a hang."""
+    url = canonical_url(redis_url)
+    sentinel = is_sentinel(url)
+    cls = sentinel_backend if sentinel else backend
+    app = Celery(name, broker=url, backend=f"{_path(cls)}+{url}")
     app.conf.update(
         # JSON only: a worker never unpickles what a client sent, and vice versa.
         task_serializer="json",
@@ -269,4 +287,20 @@ def make_celery(
         redis_socket_timeout=socket_timeout,
         redis_socket_connect_timeout=socket_timeout,
     )
+    if sentinel:
+        options = transport_options(url, settings, socket_timeout)
+        app.conf.update(
+            broker_transport_options=dict(options),
+            # a result stored during a promotion is retried until the new master answers,
+            # for as long as a client waits through an outage
+            result_backend_transport_options={
+                **options,
+                "retry_policy": {
+                    "max_retries": max(1, int(settings.redis_outage_tolerance)),
+                    "interval_start": 0,
+                    "interval_step": 1,
+                    "interval_max": 1,
+                },
+            },
+        )
     return app

@@ -35,7 +35,17 @@ class Settings(BaseSettings):
     # --- queue -------------------------------------------------------------------------
     redis_url: str | None = Field(
         default=None,
-        description="Broker and result backend. Unset: the CLI runs an embedded broker.",
+        description="Broker and result backend, and every Redis use of pfbuild: "
+        "redis://HOST:PORT/DB, or Celery's Sentinel form "
+        "sentinel://HOST:PORT;sentinel://HOST:PORT;sentinel://HOST:PORT/DB (optional "
+        ":PASSWORD@, the master's) to follow the master through a failover. Unset: the CLI "
+        "runs an embedded broker.",
+    )
+    redis_sentinel_master: str = Field(
+        default="mymaster",
+        min_length=1,
+        description="With a sentinel:// redis_url, the name the Sentinels monitor the "
+        "master under (their `sentinel monitor NAME ...`).",
     )
 
     build_soft_time_limit: int = Field(

@@ -84,10 +84,11 @@ def eager_worker(
     as a worker stores them, waking waiters and ending flights), without its signals or
     threads."""
     from pfbuild.client.queue import make_celery
-    from pfbuild.worker.celery_app import RESULT_STORE, configure_worker
+    from pfbuild.worker.celery_app import configure_worker
+    from pfbuild.worker.farm.results import ResultStore
     from pfbuild.worker.farm.tasks import register
 
-    app = make_celery(settings, url, backend=RESULT_STORE)
+    app = make_celery(settings, url, backend=ResultStore)
     configure_worker(app, settings)
     app.conf.task_store_eager_result = True
     factory = engine if callable(engine) else (lambda: engine)

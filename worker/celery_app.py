@@ -16,14 +16,11 @@ from pfbuild.client.queue import make_celery
 from pfbuild.client.settings import Settings
 from pfbuild.worker.farm.hosts import install as install_host
 from pfbuild.worker.farm.lockwait import start_sweeper
-from pfbuild.worker.farm.results import ResultStore
+from pfbuild.worker.farm.results import ResultStore, SentinelResultStore
 from pfbuild.worker.farm.tasks import register
 from pfbuild.worker.ops.hooks import install as install_ops
 
 __all__ = ["configure_worker", "create_app"]
-
-RESULT_STORE = f"{ResultStore.__module__}.{ResultStore.__name__}"
-
 
 def configure_worker(app: Celery, settings: Settings) -> None:
     """The consumer's settings: how jobs are acknowledged, prefetched and time-limited."""
@@ -44,6 +41,8 @@ def configure_worker(app: Celery, settings: Settings) -> None:
         # Workers sweep for such orphans every 10 s (kombu's default scans only every
         # 10th sweep, so a dead worker's job would wait up to 100 s more).
         broker_transport_options={
+            # the Sentinel options make_celery set, if any (master_name)
+            **(app.conf.broker_transport_options or {}),
             "visibility_timeout": settings.visibility_timeout,
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
@@ -95,7 +94,8 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
         settings,
         url,
         name="pfbuild.worker",
-        backend=RESULT_STORE,
+        backend=ResultStore,
+        sentinel_backend=SentinelResultStore,
         socket_timeout=settings.worker_redis_socket_timeout,
     )
     configure_worker(app, settings)

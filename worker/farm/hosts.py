@@ -38,6 +38,7 @@ from kombu.entity import Queue
 from pfbuild.client.errors import EngineUnavailable
 from pfbuild.client.hosts import HOSTS, HostKeys, held_code, host_queue, list_hosts
 from pfbuild.client.queue import QUEUE
+from pfbuild.client.redisconn import connect
 from pfbuild.client.settings import LATEST, Settings, is_code
 from pfbuild.worker.engine import DockerEngine, Engine
 
@@ -299,7 +300,7 @@ def install(app: Celery, settings: Settings) -> None:
     """Give a worker app its host queue, heartbeat and job records (see the module doc)."""
     queues = [QUEUE, host_queue(settings.host_id)]
     app.conf.task_queues = [Queue(name) for name in queues]  # type: ignore[no-untyped-call]
-    client = _per_process_redis(app, settings.worker_redis_socket_timeout)
+    client = _per_process_redis(app, settings)
     local: dict[str, HostAgent] = {}
 
     def on_ready(sender: Any = None, **_: Any) -> None:
@@ -318,14 +319,16 @@ def install(app: Celery, settings: Settings) -> None:
     # a job's records (worker/farm/farmstate.py)
 
 
-def _per_process_redis(app: Celery, timeout: float) -> Callable[[], redis.Redis]:
+def _per_process_redis(app: Celery, settings: Settings) -> Callable[[], redis.Redis]:
     """One client per process: the heartbeat runs in the main process, tasks in pool
     children (a connection does not survive a fork)."""
     local: dict[str, Any] = {}
 
     def client() -> redis.Redis:
         if local.get("pid") != os.getpid():
-            client = redis.Redis.from_url(app.conf.broker_url, socket_timeout=timeout)
+            client = connect(
+                app.conf.broker_url, settings, socket_timeout=settings.worker_redis_socket_timeout
+            )
             local.update(pid=os.getpid(), redis=client)
         return local["redis"]  # type: ignore[no-any-return]
 

@@ -5,11 +5,18 @@ can renew it), a TTL so that a dead worker's lock frees itself, a watchdog that 
 while the build runs, and a fence number: bumped on every acquisition (and never below
 Redis' clock in ms), so that a holder can tell, before each write that matters, whether
 someone has taken over since, and a tarball carries the fence it was committed under.
+
+Over Sentinel (client/redisconn.py) the lock must also outlive a failover, whose promoted
+replica may lack the master's last writes (replication is asynchronous): a holder waits
+(``WAIT``) until a replica has its lock and fence before it builds, and a holder that finds
+its lock (or fence) missing while no newer fence was drawn takes it back instead of
+stopping, since nobody else can hold it then (docs/design.md, "Redis with Sentinel").
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -20,6 +27,7 @@ from redis.exceptions import LockError
 
 from pfbuild.client.errors import LockLost
 from pfbuild.client.queue import Keys
+from pfbuild.client.redisconn import over_sentinel
 
 __all__ = ["ProfileLock"]
 
@@ -36,12 +44,44 @@ return fence
 """
 
 
+# Take the lock back after a failover lost it, if no newer fence was drawn meanwhile:
+# nobody else can hold it then. KEYS: lock, fence; ARGV: token, our fence, TTL in ms.
+_REASSERT = """
+local fence = tonumber(redis.call('get', KEYS[2]) or '0')
+if fence > tonumber(ARGV[2]) then return 0 end
+local holder = redis.call('get', KEYS[1])
+if holder == false then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[3])
+elseif holder ~= ARGV[1] then
+  return 0
+end
+redis.call('set', KEYS[2], ARGV[2])
+return 1
+"""
+
+# How long a new holder waits for a replica to have its lock and fence (Sentinel only):
+# replication takes milliseconds; a replica that does not answer in this costs no more.
+_REPLICA_WAIT_MS = 1000
+
+log = logging.getLogger(__name__)
+
 _RECHECK_SECONDS = 1.0  # how stale check_often's answer may be (the TTL is far longer)
 
 
 class ProfileLock:
-    def __init__(self, client: redis.Redis, profile_id: str, *, ttl: float, owner: str) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        profile_id: str,
+        *,
+        ttl: float,
+        owner: str,
+        failover: bool | None = None,
+    ) -> None:
+        """``failover``: hold the lock across a Sentinel failover (see the module doc);
+        default: whether ``client`` reaches Redis through Sentinels."""
         self.client = client
+        self.failover = over_sentinel(client) if failover is None else failover
         self.profile_id = profile_id
         self.ttl = ttl
         self.token = f"{owner}:{uuid.uuid4().hex}"
@@ -58,6 +98,35 @@ class ProfileLock:
         self.renewed_at = time.monotonic()
         self.fence = int(self.client.eval(_NEXT_FENCE, 1, Keys.fence(self.profile_id)))
         self.lost.clear()
+        if self.failover:
+            self._replicate()
+        return True
+
+    def _replicate(self) -> None:
+        """Wait until a replica has the lock and fence, so a failover keeps them."""
+        try:
+            acked = int(self.client.wait(1, _REPLICA_WAIT_MS))
+        except redis.ResponseError:
+            acked = 0  # a server without WAIT: the take-back below is all there is
+        if not acked:
+            log.warning(
+                "lock on %s: no replica confirmed it within %d ms; a failover now may lose it",
+                self.profile_id,
+                _REPLICA_WAIT_MS,
+            )
+
+    def _take_back(self) -> bool:
+        """After a failover lost the lock or its fence: take it back if no newer fence
+        was drawn (then nobody else holds it). Whether it is ours again."""
+        if not self.failover or self.fence is None:
+            return False
+        keys = (Keys.lock(self.profile_id), Keys.fence(self.profile_id))
+        ttl_ms = int(self.ttl * 1000)
+        if not self.client.eval(_REASSERT, 2, *keys, self.token, str(self.fence), ttl_ms):
+            return False
+        self.renewed_at = self.checked_at = time.monotonic()
+        log.warning("lock on %s was missing (a failover?); taken back at fence %d",
+                    self.profile_id, self.fence)
         return True
 
     def holder(self) -> str | None:
@@ -94,6 +163,9 @@ class ProfileLock:
             self.lost.set()
             raise LockLost(f"cannot reach Redis to confirm the lock on {self.profile_id}") from None
         if not owned or current is None or int(current) != self.fence:
+            with contextlib.suppress(redis.RedisError):
+                if self._take_back():
+                    return
             self.lost.set()
             raise LockLost(
                 f"the lock on profile {self.profile_id} expired or was taken over "
@@ -116,7 +188,10 @@ class ProfileLock:
                 try:
                     self._lock.reacquire()
                     self.renewed_at = time.monotonic()
-                except LockError:  # expired, or someone else's now
+                except LockError:  # expired, or someone else's now (or lost in a failover)
+                    with contextlib.suppress(redis.RedisError):
+                        if self._take_back():
+                            continue
                     self.lost.set()
                     return
                 except redis.RedisError:

@@ -29,6 +29,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from pfbuild.client.queue import TASK_NAME, Keys
+from pfbuild.client.redisconn import connect
 from pfbuild.client.settings import Settings
 
 __all__ = ["WaitList", "start_sweeper", "sweep"]
@@ -110,8 +111,8 @@ def sweep(client: redis.Redis, app: Celery, settings: Settings) -> int:
 
 def start_sweeper(app: Celery, settings: Settings, stop: threading.Event) -> threading.Thread:
     """Sweep every ``lock_poll_seconds`` in a daemon thread until ``stop`` is set."""
-    client = redis.Redis.from_url(
-        app.conf.broker_url, socket_timeout=settings.worker_redis_socket_timeout
+    client = connect(
+        app.conf.broker_url, settings, socket_timeout=settings.worker_redis_socket_timeout
     )
 
     def loop() -> None:

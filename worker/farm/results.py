@@ -15,10 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 from celery import states
+from celery.backends.redis import SentinelBackend
 
 from pfbuild.client.queue import SIGNAL_DONE_LUA, Keys, PollingRedisBackend
 
-__all__ = ["ResultStore"]
+__all__ = ["ResultStore", "SentinelResultStore"]
 
 # How long the done list and the job's record stay when results never expire
 # (``result_expires`` 0): the signal is read at once, the record is only needed while the
@@ -99,3 +100,9 @@ class ResultStore(PollingRedisBackend):
             ttl,
             "1" if final else "0",
         )
+
+
+class SentinelResultStore(ResultStore, SentinelBackend):  # type: ignore[misc]
+    """:class:`ResultStore` over Sentinel (a ``sentinel://`` URL): the same script, run on
+    the master the Sentinels name now. A store that fails during a promotion is retried
+    (``ensure``) until the new master answers (client/queue.py ``make_celery``)."""

@@ -43,6 +43,7 @@ from pfbuild.client.errors import (
 from pfbuild.client.models import BuildAnswer, JobState, Timings
 from pfbuild.client.profile import validate_request
 from pfbuild.client.queue import PING_TASK, TASK_NAME, Keys, signal_done
+from pfbuild.client.redisconn import connect
 from pfbuild.client.settings import Settings
 from pfbuild.worker.build.resolve import ResolvedRequest, resolve_request
 from pfbuild.worker.engine import Abort, DockerEngine, Engine, engine_from_settings
@@ -71,8 +72,10 @@ class _Process:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(
-            self.app.conf.broker_url, socket_timeout=self.settings.worker_redis_socket_timeout
+        return connect(
+            self.app.conf.broker_url,
+            self.settings,
+            socket_timeout=self.settings.worker_redis_socket_timeout,
         )
 
     @cached_property

@@ -30,15 +30,14 @@ def gc(
 ) -> None:
     """Keep this host's images and tarballs under their budgets (PFBUILD_GC_*), least
     recently used first; never what a container, a running job or a lock holds."""
-    import redis
-
+    from pfbuild.client.redisconn import connect
     from pfbuild.worker.engine import engine_from_settings
     from pfbuild.worker.ops.gc import Collector
 
     settings = settings_of(ctx)
     try:
         api = engine_from_settings(settings).api
-        client = redis.Redis.from_url(settings.redis_url) if settings.redis_url else None
+        client = connect(settings.redis_url, settings) if settings.redis_url else None
         result = Collector(api, settings, client).run(dry_run=dry_run, extra_dirs=cache_dir or [])
         evicted = _registry(settings, client, dry_run) if registry else []
     except PfbuildError as exc:

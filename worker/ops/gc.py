@@ -32,6 +32,7 @@ import redis
 
 from pfbuild.client.hosts import held_code
 from pfbuild.client.queue import Keys
+from pfbuild.client.redisconn import connect
 from pfbuild.client.settings import Settings, is_code
 from pfbuild.worker import layout
 from pfbuild.worker.build.ladder import LABEL_PROFILE, LABEL_REPOSITORY
@@ -301,7 +302,7 @@ class PeriodicGc:
 
     def __init__(self, settings: Settings, redis_url: str) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(redis_url, socket_timeout=30)
+        self.redis = connect(redis_url, settings, socket_timeout=30)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="pfbuild-gc", daemon=True)
 

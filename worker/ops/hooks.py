@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import redis
 from celery import Celery, signals
 
 from pfbuild.client.errors import EngineError, PfbuildError
 from pfbuild.client.queue import TASK_NAME
+from pfbuild.client.redisconn import connect
 from pfbuild.client.settings import Settings
 from pfbuild.worker import oplog
 from pfbuild.worker.farm.farmstate import FarmState
@@ -87,7 +87,7 @@ class _Hooks:
     def state(self) -> FarmState:
         """One Redis client per process (pool children are forked)."""
         if self._state is None or self._state[0] != os.getpid():
-            client = redis.Redis.from_url(self.app.conf.broker_url, socket_timeout=5)
+            client = connect(self.app.conf.broker_url, self.settings, socket_timeout=5)
             self._state = (os.getpid(), FarmState(client, self.settings))
         return self._state[1]
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from pfbuild.client.queue import QUEUE
+from pfbuild.client.redisconn import connect
 from pfbuild.client.settings import Settings
 
 if TYPE_CHECKING:
@@ -149,8 +150,8 @@ def process_exited(pid: int) -> None:
 class _QueueDepth:
     """A collector that reads the queue's depth from Redis when Prometheus scrapes."""
 
-    def __init__(self, redis_url: str) -> None:
-        self.redis = redis.Redis.from_url(redis_url, socket_timeout=2)
+    def __init__(self, redis_url: str, settings: Settings) -> None:
+        self.redis = connect(redis_url, settings, socket_timeout=2)
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily
@@ -181,7 +182,7 @@ def serve(settings: Settings, redis_url: str | None) -> Any:
         if own is not None:
             served.register(_Forward(own))
     if redis_url:
-        served.register(_QueueDepth(redis_url))
+        served.register(_QueueDepth(redis_url, settings))
     try:
         server, _thread = start_http_server(settings.metrics_port, registry=served)
     except OSError as exc:

@@ -110,3 +110,46 @@ def test_the_hot_path_check_asks_redis_at_most_once_a_second(r: fakeredis.FakeRe
     a.lost.set()
     with pytest.raises(LockLost):
         a.check_often()  # a loss the watchdog flagged is seen at once
+
+
+def test_over_sentinel_a_lock_a_failover_lost_is_taken_back(r: fakeredis.FakeRedis) -> None:
+    """A promoted replica may lack the lock (and its fence): the holder takes it back,
+    since no newer fence was drawn; the watchdog does the same at its next renewal."""
+    a = ProfileLock(r, "p", ttl=0.6, owner="a", failover=True)
+    assert a.acquire()  # fakeredis has no WAIT: the holder logs it and goes on
+    r.delete(Keys.lock("p"), Keys.fence("p"))  # the promotion lost both
+    a.check()
+    assert r.get(Keys.lock("p")) == a.token.encode()
+    assert int(r.get(Keys.fence("p")) or 0) == a.fence
+    with a.watchdog():
+        r.delete(Keys.lock("p"))
+        time.sleep(0.5)  # past a renewal
+        assert not a.lost.is_set()
+        assert r.get(Keys.lock("p")) == a.token.encode()
+        assert not ProfileLock(r, "p", ttl=5, owner="b").acquire()
+
+
+def test_over_sentinel_a_lock_someone_took_since_is_not_taken_back(
+    r: fakeredis.FakeRedis,
+) -> None:
+    a = ProfileLock(r, "p", ttl=5, owner="a", failover=True)
+    assert a.acquire()
+    r.delete(Keys.lock("p"))
+    b = ProfileLock(r, "p", ttl=5, owner="b", failover=True)
+    assert b.acquire()  # a newer fence
+    with pytest.raises(LockLost):
+        a.check()
+    b.release()  # free again, but b's fence is newer than a's: a stays stopped
+    a.lost.clear()
+    with pytest.raises(LockLost):
+        a.check()
+    assert r.get(Keys.lock("p")) is None
+
+
+def test_without_sentinel_a_missing_lock_is_lost_as_before(r: fakeredis.FakeRedis) -> None:
+    """A redis:// lock that vanished (Redis wiped) stops the build, as it always did."""
+    a = ProfileLock(r, "p", ttl=5, owner="a")
+    assert a.acquire() and not a.failover
+    r.delete(Keys.lock("p"), Keys.fence("p"))
+    with pytest.raises(LockLost):
+        a.check()
