@@ -26,6 +26,7 @@ import pytest
 
 from pfbuild.worker.bench.localfarm import free_port
 from tests.conftest import missing
+from tests.fakes import drop_image
 
 pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("compose")]
 
@@ -146,13 +147,16 @@ def _built_then_hit(compose: Compose, repo: Path, engine: Any) -> None:
         assert answer["worker"].split("@")[-1].split(":")[0] in {c[:12] for c in containers}
         assert answer["manifest"]["registry"]["reference"].startswith(
             f"127.0.0.1:{compose.ports['registry']}/")
-        tags = json.loads(_get(f"http://127.0.0.1:{compose.ports['registry']}/v2/"
-                               f"patchfoundry/{answer['profile_id']}/tags/list"))
-        assert tags["tags"] == ["latest"]
+        # the code's own tag and the profile's newest (pushed once the image is answered)
+        code = answer["image_tag"].rpartition(":")[2]
+        tags_url = (f"http://127.0.0.1:{compose.ports['registry']}/v2/"
+                    f"patchfoundry/{answer['profile_id']}/tags/list")
+        _wait_for("the pushed tags", lambda: sorted(json.loads(_get(tags_url))["tags"])
+                  == sorted(["latest", code]), 300)
         again = _submit(compose, repo)
         assert again["cache_source"] == "local" and again["image_id"] == answer["image_id"]
     finally:
-        engine.remove(answer["image_tag"])
+        drop_image(engine, answer["image_tag"])  # its code tag and :latest
         for tarball in Path("/srv/pfbuild/image-cache").glob(f"{answer['profile_id']}*"):
             tarball.unlink()
 
