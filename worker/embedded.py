@@ -40,8 +40,11 @@ def embedded_farm(settings: Settings, concurrency: int = 2) -> Iterator[str]:
     from pfbuild.worker.celery_app import create_app
 
     with fake_redis_server() as url:
-        # no metrics endpoint nor periodic collection for a one-shot, in-process farm
-        quiet = settings.model_copy(update={"metrics_port": 0, "gc_interval_seconds": 0})
+        # no metrics endpoint nor periodic collection for a one-shot, in-process farm; a
+        # new image is published by a process of its own, which outlives the command
+        quiet = settings.model_copy(
+            update={"metrics_port": 0, "gc_interval_seconds": 0, "publish_detached": True}
+        )
         app = create_app(quiet, url)
         worker = start_worker(
             app,
