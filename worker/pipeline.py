@@ -105,6 +105,7 @@ def run_build(
     timings: Timings | None = None,
     events: list[str] | None = None,
     handoff: Handoff | None = None,
+    wait_for_publication: bool = True,
 ) -> BuildAnswer:
     """Run the pipeline for one resolved request and return its answer.
 
@@ -115,7 +116,11 @@ def run_build(
     manifest) and may raise to stop the run; ``timings`` carries stages measured before
     the pipeline (queue, lock), ``events`` what happened to the job before it (a hand-back).
     A new image's publications go to ``handoff`` once its answer is made (their record
-    says ``pending``), or run before the answer without one.
+    says ``pending``), or run before the answer without one. ``wait_for_publication``:
+    first wait for a publication of the profile running on this host (its publish lock);
+    the queue's task does not when its publications run under the profile's Redis lock,
+    which already serialises them, so that a publisher stalled past that lock never holds
+    up the lock's next holder (the fences keep the stalled one from committing).
     """
     started = time.monotonic()
     run = BuildRun(
@@ -135,7 +140,7 @@ def run_build(
         # one run per profile on this host at a time (the queue's Redis lock covers hosts)
         with exclusive_lock(resolved.artifacts / ".lock"):
             _sweep(resolved, older_than=settings.build_time_limit)
-            return _reuse_or_build(run, started, handoff)
+            return _reuse_or_build(run, started, handoff, wait_for_publication)
     except requests.RequestException as exc:  # an OSError too, but the engine's fault
         raise EngineUnavailable(f"the Docker engine failed: {exc}") from None
     except OSError as exc:
@@ -285,13 +290,15 @@ def _build(run: BuildRun) -> Image:
     return Image(info, "built", variant)
 
 
-def _reuse_or_build(run: BuildRun, started: float, handoff: Handoff | None) -> BuildAnswer:
+def _reuse_or_build(
+    run: BuildRun, started: float, handoff: Handoff | None, wait: bool
+) -> BuildAnswer:
     """Reuse or build, then answer. The image's publications are recorded (pending)
     before the answer and handed on, or run first when there is no ``handoff``. The
-    profile's publish lock is taken first: a publication of it running on this host
-    ends before this run goes on (a hit never gets here: it takes no lock)."""
+    profile's publish lock is taken first (waiting, with ``wait``, for a publication of
+    it running on this host; a hit never gets here: it takes no lock)."""
     plock = publish.lock_of(run.settings, run.resolved.profile_id)
-    plock.acquire()
+    plock.acquire(blocking=wait)  # not held: a stalled publisher has it (see run_build)
     handed = False  # the publish lock goes with the publication handed on
     try:
         image = _reuse(run) or _build(run)
@@ -332,8 +339,8 @@ def _to_publish(run: BuildRun, image: Image, plock: publish.PublishLock) -> Pend
             lock=plock,
         )
     record = _record_of(run, image.info) if image.source == "local" else None
-    if record is None or not record.pending:
-        return None
+    if record is None or not record.pending or plock.fd is None:
+        return None  # nothing left to publish, or its publisher holds the lock
     run.events.append("finishing the publication a publisher that died left pending")
     pending = publish.adopt(settings, record, plock)
     pending.refence(run.fence)

@@ -172,8 +172,17 @@ class Pending:
     def spec(self) -> PublishSpec:
         return self.record.spec
 
-    def save(self) -> None:
-        """Write the record (durably: it is what makes a publication never lost)."""
+    def save(self, *, first: bool = False) -> None:
+        """Write the record (durably: it is what makes a publication never lost), unless
+        a newer publication of the profile has replaced it meanwhile (this publisher
+        stalled past its lock: the newer one's record stays)."""
+        if not first:
+            on_disk = _read_record(self.path)
+            mine = (self.spec.image_id, self.spec.fence)
+            if on_disk is not None and (on_disk.spec.image_id, on_disk.spec.fence) != mine:
+                log.warning("publication record of %s replaced by a newer one; left as is",
+                            self.spec.profile_id)
+                return
         atomic_write_text(self.path, self.record.model_dump_json(indent=1) + "\n")
 
     def refence(self, fence: int | None) -> None:
@@ -183,7 +192,7 @@ class Pending:
         for kind, pub in self.record.publications.items():
             if kind == "tarball" and pub.state == "pending":
                 pub.target = str(_tarball_path(self.record.spec))
-        self.save()
+        self.save(first=True)
 
     def release(self) -> None:
         self.lock.release()
@@ -195,12 +204,13 @@ def _tarball_path(spec: PublishSpec) -> Path:
 
 def current(settings: Settings, profile_id: str) -> PublishRecord | None:
     """The record of the profile's latest publication on this host, if any."""
+    return _read_record(_record_path(settings, profile_id))
+
+
+def _read_record(path: Path) -> PublishRecord | None:
     try:
         raw = read_bounded(
-            _record_path(settings, profile_id),
-            what="publication record",
-            limit=_RECORD_MAX_BYTES,
-            follow_symlinks=False,
+            path, what="publication record", limit=_RECORD_MAX_BYTES, follow_symlinks=False
         )
         return PublishRecord.model_validate_json(raw)
     except (BadRequest, ValidationError):
@@ -237,7 +247,7 @@ def begin(
         publications={k: Publication(state="pending", target=targets[k]) for k in kinds},
     )
     pending = Pending(record, lock, _record_path(settings, profile_id))
-    pending.save()
+    pending.save(first=True)
     return pending
 
 
@@ -426,9 +436,10 @@ def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     path, lock = Path(argv[0]), PublishLock(Path(argv[0]).with_suffix(".lock"), int(argv[1]))
     try:
-        raw = read_bounded(path, what="publication record", limit=_RECORD_MAX_BYTES,
-                           follow_symlinks=False)
-        record = PublishRecord.model_validate_json(raw)
+        record = _read_record(path)
+        if record is None:
+            log.error("no readable publication record at %s", path)
+            return 1
         settings = Settings.model_validate(record.spec.settings)
         done = publish(Pending(record, lock, path), engine_from_settings(settings), settings)
     finally:

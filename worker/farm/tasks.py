@@ -360,6 +360,8 @@ class _Job:
             timings=self.timings(),
             events=events_of(self.kwargs),
             handoff=lambda pending: self.handed.append((pending, lock)),
+            # the profile lock serialises publications, unless they run detached
+            wait_for_publication=self.settings.publish_detached,
         )
 
 
