@@ -157,7 +157,7 @@ class Publisher:
                 pending.refence(lock.fence)
             with lock.watchdog():
                 publish.publish(pending, self.engine(), self.settings, guard=lock.check,
-                                report=self._reporter(job_id))
+                                report=self._reporter(job_id, pending))
         except LockLost as exc:
             log.warning("job %s: publication of %s stopped: %s", job_id,
                         pending.spec.profile_id, exc.message)
@@ -176,14 +176,17 @@ class Publisher:
         except (redis.RedisError, OperationalError) as exc:
             log.warning("could not wake the jobs waiting for %s: %s", lock.profile_id, exc)
 
-    def _reporter(self, job_id: str) -> publish.Report:
-        """Each publication's state into the job's hash, and a line into its log."""
+    def _reporter(self, job_id: str, pending: Pending) -> publish.Report:
+        """Every publication's state into the job's hash (all of them at each change, so
+        the hash never shows one without the others), and a line into its log."""
         ttl = self.settings.result_expires
 
         def report(kind: PublishKind, pub: Publication) -> None:
+            states = {k: p.model_dump_json() for k, p in pending.record.publications.items()}
+            states[kind] = pub.model_dump_json()
             try:
                 pipe = self.client().pipeline(transaction=False)
-                pipe.hset(Keys.publications(job_id), kind, pub.model_dump_json())
+                pipe.hset(Keys.publications(job_id), mapping=states)
                 if pub.state != "pending":
                     pipe.rpush(Keys.log(job_id), f"[pfbuild] {publish.describe(kind, pub)}")
                 if ttl:
