@@ -144,6 +144,14 @@ class Settings(BaseSettings):
         "embedded farm of `pfbuild submit --wait` sets it, so the command exits as soon as "
         "it has its answer.",
     )
+    publish_niceness: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="How much lower a publication's CPU priority is than the worker's "
+        "(nice): on a busy host, builds and answers come first and publications land "
+        "later. 0: the same priority.",
+    )
     publish_sweep_seconds: float = Field(
         default=30.0,
         description="How often each worker looks for publications of its host that a "

@@ -90,8 +90,6 @@ _SETTINGS_KEPT = (
     "docker_timeout",
     "host_id",
 )
-# background work: builds and answers on this machine come first
-_NICENESS = 10
 
 
 class PublishSpec(BaseModel):
@@ -409,7 +407,7 @@ def _update_manifest(
 # --- a publisher in a process of its own ----------------------------------------------
 
 
-def spawn_detached(pending: Pending) -> int:
+def spawn_detached(pending: Pending, niceness: int = 0) -> int:
     """Start a process that runs ``pending`` and outlives this one (the embedded farm's
     CLI exits once it has its answer); it inherits the publish lock, which this process
     then lets go of. Returns its pid."""
@@ -419,7 +417,7 @@ def spawn_detached(pending: Pending) -> int:
     logfile = pending.path.with_suffix(".log")
     with open(logfile, "ab") as out:
         proc = subprocess.Popen(
-            ["nice", "-n", str(_NICENESS), sys.executable, "-m", __name__,
+            ["nice", "-n", str(niceness), sys.executable, "-m", __name__,
              str(pending.path), str(fd)],
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -449,14 +447,14 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def nice_this_thread() -> None:
+def nice_this_thread(niceness: int) -> None:
     """Lower this thread's CPU priority for good (Linux nices threads one by one, and the
     threads it starts, zstd's, inherit it): for a thread that only publishes, then ends."""
     import threading
 
     with contextlib.suppress(OSError):
         tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + _NICENESS)
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ A job whose build made a new image hands its publications to its process'
 :class:`Publisher`, with the publish lock and the profile's Redis lock it holds; the
 publisher runs them once the answer is stored (the task's ``on_success``; at most
 ``_ANSWER_WAIT`` seconds later whatever happened to it), on a thread of its own at a
-lower CPU priority, so no waiter and no worker slot waits for a save:
+lower CPU priority (``publish_niceness``), so no waiter and no worker slot waits for a save:
 
 - the Redis lock stays held (its watchdog renewing it) until the last publication has
   landed: a job of the profile on another host parks on it, is woken by its release and
@@ -135,13 +135,13 @@ class Publisher:
                 return
             item.started = True
         if self.settings.publish_detached:
-            pid = publish.spawn_detached(item.pending)
+            pid = publish.spawn_detached(item.pending, self.settings.publish_niceness)
             log.info("job %s: publishing %s in process %d", item.job_id,
                      item.pending.spec.profile_id, pid)
             if item.lock is not None:
                 self._release(item.lock)
             return
-        publish.nice_this_thread()
+        publish.nice_this_thread(self.settings.publish_niceness)
         self.run(item.job_id, item.pending, item.lock)
 
     def run(self, job_id: str, pending: Pending, lock: ProfileLock | None) -> None:
