@@ -3,6 +3,9 @@
 With no ``PFBUILD_REDIS_URL``, ``pfbuild submit --wait`` needs no Redis: fakeredis serves
 the Redis protocol on a loopback port and a threaded Celery worker runs the same task
 code a real worker does, so the README's main command goes through the real queue path.
+A new image is published (its tarball saved) by a process of its own, started once the
+answer is stored, which outlives the command (``Settings.publish_detached``; see
+docs/design.md, "Publishing"): the command exits as soon as it has printed its answer.
 """
 
 from __future__ import annotations
