@@ -100,7 +100,7 @@ def _saving(cache_dir: Path, answer: Any, within: float = 120) -> None:
         time.sleep(0.02)
 
 
-def _published(job: BuildJob, within: float = 120) -> dict[str, Any]:
+def _published(job: BuildJob, within: float = 120) -> dict[Any, Any]:
     """The job's publications once none is pending (they follow its answer)."""
     deadline = time.monotonic() + within
     while True:

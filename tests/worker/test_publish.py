@@ -37,7 +37,7 @@ def test_a_new_image_answers_with_its_publication_pending(repo: Path,
     """With a handoff, the answer goes out before the tarball: pending in the answer and
     the record, the publish lock handed on; publishing lands it and brings the manifest,
     the record and the metric's observers up to date."""
-    engine, handed = FakeEngine(), []
+    engine, handed = FakeEngine(), list[Pending]()
     answer = run_build(_resolved(repo, settings), settings, engine, fence=7,
                        handoff=handed.append)
     assert answer.cache_source == "built" and answer.manifest.tarball is None
@@ -84,10 +84,10 @@ def test_a_publication_whose_publisher_died_is_taken_over_by_the_next_hit(
     """The publisher died (its lock released with it, its record still pending): the next
     hit of the same image answers at once and hands the publication on; while a
     publisher holds the lock, a hit only reports it pending."""
-    engine, handed = FakeEngine(), []
+    engine, handed = FakeEngine(), list[Pending]()
     answer = run_build(_resolved(repo, settings), settings, engine, handoff=handed.append)
     [first] = handed
-    alive, taken = [], []
+    alive, taken = list[Pending](), list[Pending]()
     hit = reuse_local(_resolved(repo, settings), settings, engine, handoff=alive.append)
     assert hit is not None and hit.cache_source == "local" and alive == []
     assert hit.manifest.publications["tarball"].state == "pending"
@@ -110,7 +110,7 @@ def test_a_run_of_the_profile_waits_for_its_running_publication(repo: Path,
     """A rebuild takes the publish lock first: it never saves over a publication running
     on this host; and a run that finds the image with its publication abandoned finishes
     it before answering (no handoff)."""
-    engine, handed = FakeEngine(), []
+    engine, handed = FakeEngine(), list[Pending]()
     run_build(_resolved(repo, settings), settings, engine, handoff=handed.append)
     [pending] = handed
     lock = publish.lock_of(settings, pending.spec.profile_id)
@@ -124,7 +124,7 @@ def test_a_run_of_the_profile_waits_for_its_running_publication(repo: Path,
 
 def test_a_publication_the_disk_refuses_fails_with_its_reason(repo: Path,
                                                               settings: Settings) -> None:
-    engine, handed = FakeEngine(), []
+    engine, handed = FakeEngine(), list[Pending]()
     answer = run_build(_resolved(repo, settings), settings, engine, handoff=handed.append)
     [pending] = handed
     engine.save_error = OSError(28, "No space left on device")

@@ -182,11 +182,14 @@ class Publisher:
         ttl = self.settings.result_expires
 
         def report(kind: PublishKind, pub: Publication) -> None:
-            states = {k: p.model_dump_json() for k, p in pending.record.publications.items()}
+            states: dict[str, str] = {
+                k: p.model_dump_json() for k, p in pending.record.publications.items()
+            }
             states[kind] = pub.model_dump_json()
             try:
                 pipe = self.client().pipeline(transaction=False)
-                pipe.hset(Keys.publications(job_id), mapping=states)
+                for name, state in states.items():
+                    pipe.hset(Keys.publications(job_id), name, state)
                 if pub.state != "pending":
                     pipe.rpush(Keys.log(job_id), f"[pfbuild] {publish.describe(kind, pub)}")
                 if ttl:
