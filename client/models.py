@@ -198,6 +198,7 @@ class Publication(BaseModel):
     target: str | None = None  # the tarball's path, or the registry reference
     reason: str | None = None  # why it failed
     seconds: float | None = None  # how long it took, once finished
+    bytes: int | None = None  # what it wrote: the tarball's size, the layer bytes pushed
     finished_at: str | None = None
 
 

@@ -362,7 +362,8 @@ def _run_one(
             if pushed is None:
                 reason = "; ".join(events) or "the registry refused the push"
                 return Outcome(Publication(state="failed", target=target, reason=reason))
-            return Outcome(Publication(state="done", target=pushed.reference), registry=pushed)
+            done = Publication(state="done", target=pushed.reference, bytes=pushed.bytes)
+            return Outcome(done, registry=pushed)
         saved = tarball.save_tarball(
             engine,
             spec.tag,
@@ -374,7 +375,8 @@ def _run_one(
             guard=guard,
             fence=spec.fence,
         )
-        return Outcome(Publication(state="done", target=saved.path), tarball=saved)
+        return Outcome(Publication(state="done", target=saved.path, bytes=saved.size),
+                       tarball=saved)
     except (OSError, requests.RequestException, EngineError, RegistryFailed, StorageError) as exc:
         # a full or read-only disk, an engine that failed: the image stays on this engine
         reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__

@@ -47,11 +47,15 @@ def observe_answer(answer: dict[str, Any]) -> None:
 
 
 def observe_publication(kind: str, publication: Publication) -> None:
-    """Count a publication that finished (worker/publish.py), and its seconds."""
+    """Count a publication that finished (worker/publish.py), its seconds and bytes (a
+    new image's answer goes out before its tarball: its bytes are counted here)."""
     metrics = m.metrics()
     metrics.publishes.labels(kind, publication.state).inc()
     if publication.seconds is not None:
         metrics.publish_seconds.labels(kind).observe(publication.seconds)
+    if publication.state == "done" and publication.bytes:
+        moved = metrics.tarball_bytes if kind == "tarball" else metrics.registry_bytes
+        moved.labels("written").inc(publication.bytes)
 
 
 def _observe_retries(attempts: list[dict[str, Any]], *, last_failed: bool) -> None:
