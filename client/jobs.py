@@ -20,11 +20,11 @@ import os
 import time
 import uuid
 from collections.abc import Generator, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import redis
 from kombu.exceptions import OperationalError
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from pfbuild.client.errors import (
     InternalError,
@@ -36,7 +36,7 @@ from pfbuild.client.errors import (
 )
 from pfbuild.client.hits import KnownHits, tree_fingerprint
 from pfbuild.client.hosts import Router, list_hosts
-from pfbuild.client.models import BuildAnswer, BuildRequest, JobState
+from pfbuild.client.models import BuildAnswer, BuildRequest, JobState, Publication, PublishKind
 from pfbuild.client.profile import load_profile_file, parse_profile, validate_request
 from pfbuild.client.queue import (
     TASK_NAME,
@@ -53,6 +53,10 @@ from pfbuild.client.redisconn import connect
 from pfbuild.client.settings import Settings
 
 __all__ = ["BuildClient", "BuildJob", "JobStatus"]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _backoff(ceiling: float, start: float = 0.01, factor: float = 1.5) -> Iterator[float]:
@@ -74,6 +78,9 @@ class JobStatus(BaseModel):
     profile_id: str | None = None
     worker: str | None = None
     docker_host: str | None = None
+    # what is published of the image the job built (tarball, registry), kept up to date
+    # after the answer until each has landed
+    publications: dict[PublishKind, Publication] = Field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -136,7 +143,21 @@ class BuildJob:
         }
         known.setdefault("profile_id", self.profile_id)
         stage = str(fields.get("stage") or state.value)
-        return JobStatus(id=self.id, state=state, stage=stage, **known)
+        published = self.publications(fields.get("manifest") if state.ready else None)
+        return JobStatus(id=self.id, state=state, stage=stage, publications=published, **known)
+
+    def publications(self, manifest: Any = None) -> dict[PublishKind, Publication]:
+        """What is published of the image the job built, as the worker publishing it last
+        said (its answer's ``manifest``, if given, until then)."""
+        try:
+            raw = self.client.redis.hgetall(Keys.publications(self.id))
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"cannot read job {self.id}: {exc}") from None
+        found = {_text(k): Publication.model_validate_json(v) for k, v in raw.items()}
+        if not found and isinstance(manifest, dict):
+            answered = manifest.get("publications") or {}
+            found = {k: Publication.model_validate(v) for k, v in answered.items()}
+        return {cast(PublishKind, k): v for k, v in found.items() if k in ("tarball", "registry")}
 
     def _outcome(self) -> BuildAnswer | None:
         return self._answer_of(*self._meta())

@@ -24,6 +24,9 @@ __all__ = [
     "FailureInfo",
     "JobState",
     "Manifest",
+    "Publication",
+    "PublishKind",
+    "PublishState",
     "RegistryInfo",
     "TarballInfo",
     "Timings",
@@ -180,6 +183,25 @@ class RegistryInfo(BaseModel):
     bytes: int = 0  # layer bytes that crossed the network (shared layers cost nothing)
 
 
+PublishKind = Literal["tarball", "registry"]
+PublishState = Literal["pending", "done", "failed"]
+
+
+class Publication(BaseModel):
+    """One publication of a new image for other hosts (docs/design.md, "Publishing").
+
+    ``pending`` when the answer goes out (the image is on the engine; publishing follows
+    on the worker that built it), then ``done`` or ``failed`` with its ``reason``.
+    """
+
+    state: PublishState
+    target: str | None = None  # the tarball's path, or the registry reference
+    reason: str | None = None  # why it failed
+    seconds: float | None = None  # how long it took, once finished
+    bytes: int | None = None  # what it wrote: the tarball's size, the layer bytes pushed
+    finished_at: str | None = None
+
+
 class Manifest(BaseModel):
     """What ``manifest.json`` records about one image."""
 
@@ -197,6 +219,8 @@ class Manifest(BaseModel):
     attempts: list[Attempt]
     tarball: TarballInfo | None = None
     registry: RegistryInfo | None = None
+    # each publication of a new image: tarball and registry, pending until it lands
+    publications: dict[PublishKind, Publication] = Field(default_factory=dict)
     worker: str
     docker_host: str
     created_at: str

@@ -102,6 +102,12 @@ class Keys:
         return f"pfbuild:job:{job_id}"
 
     @staticmethod
+    def publications(job_id: str) -> str:
+        """Hash: publication kind -> JSON :class:`Publication` of the image the job built,
+        kept up to date by the publisher after the answer (``pfbuild status`` reads it)."""
+        return f"pfbuild:publications:{job_id}"
+
+    @staticmethod
     def waiters(profile_id: str) -> str:
         """The jobs parked on a profile's lock: job id → its message's arguments."""
         return f"pfbuild:waiters:{profile_id}"

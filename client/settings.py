@@ -177,6 +177,27 @@ class Settings(BaseSettings):
         description="Save a tarball of each image built. With a registry set, turning it off "
         "saves the tarball's time and disk (the registry stores shared layers once).",
     )
+    publish_detached: bool = Field(
+        default=False,
+        description="Publish each new image (tarball, registry push) from a process of "
+        "its own that outlives the worker, instead of a thread of the worker's. The "
+        "embedded farm of `pfbuild submit --wait` sets it, so the command exits as soon as "
+        "it has its answer.",
+    )
+    publish_niceness: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="How much lower a publication's CPU priority is than the worker's "
+        "(nice): on a busy host, builds and answers come first and publications land "
+        "later. 0: the same priority.",
+    )
+    publish_sweep_seconds: float = Field(
+        default=30.0,
+        description="How often each worker looks for publications of its host that a "
+        "publisher left pending when it died, and finishes them. 0: only the next job of "
+        "the profile does.",
+    )
     zstd_level: int = Field(default=3, description="zstd level of saved tarballs.")
     zstd_threads: int = Field(default=2, description="zstd worker threads when saving.")
 
@@ -354,6 +375,11 @@ class Settings(BaseSettings):
         if self.tmp_dir is not None:
             return self.tmp_dir / "state" / "trusted-tarballs"
         return Path.home() / ".local" / "state" / "pfbuild" / "trusted-tarballs"
+
+    def publish_dir(self) -> Path:
+        """Where this host records the publications of its new images (next to the
+        trust records; one folder per host, since hosts may share the state folder)."""
+        return self.trust_dir().parent / "publications" / self.host_id
 
     def docker_host_name(self) -> str:
         return self.docker_host or "unix:///var/run/docker.sock"

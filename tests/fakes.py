@@ -114,6 +114,8 @@ class FakeEngine:
         self.blobs: dict[str, bytes] = {}
         self.builds: list[dict[str, object]] = []
         self.loads = 0
+        self.saves = 0
+        self.save_error: BaseException | None = None  # what a save raises (a full disk)
         self.build_log: Callable[[str], list[str]] = lambda dockerfile: ["Step 1/1 : FROM x"]
         self.build_ok: Callable[[str], bool] = lambda dockerfile: True
         self.refuse_loads = False
@@ -155,6 +157,9 @@ class FakeEngine:
         return BuildOutcome(image=self.images[tag], error=None)
 
     def save(self, tag: str) -> Iterator[bytes]:
+        self.saves += 1
+        if self.save_error is not None:
+            raise self.save_error
         data = self.blobs[tag]
         for i in range(0, len(data), 7000):
             yield data[i : i + 7000]

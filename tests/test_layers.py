@@ -22,6 +22,7 @@ FLOORS = {
     "pfbuild.worker.caches": 2,
     "pfbuild.worker.build": 3,
     "pfbuild.worker.pipeline": 4,
+    "pfbuild.worker.publish": 4,
     "pfbuild.worker.farm": 5,
     "pfbuild.worker.ops": 6,
     "pfbuild.worker.bench": 7,

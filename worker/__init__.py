@@ -6,7 +6,7 @@ The floor plan (imports run downward only; ``tests/test_layers.py`` checks it):
 1. foundations, here: ``engine`` (and ``imagewatch``), ``layout``, ``artifacts``, ``oplog``;
 2. ``caches/``: tarballs pfbuild saved, their trust records, the registry tier;
 3. ``build/``: resolve, render, context, the build and its ladder, failures, one run;
-4. ``pipeline``, here: reuse -> build -> publish;
+4. ``pipeline``, here: reuse -> build -> answer; ``publish``: what follows the answer;
 5. ``farm/``: the Celery task, locks, waits, liveness, results, hosts, progress;
 6. ``ops/``: metrics, hooks, garbage collection, the ``gc`` command;
 7. ``bench/``: the benchmarks and the real processes they start;

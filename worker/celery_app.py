@@ -16,6 +16,7 @@ from pfbuild.client.queue import make_celery
 from pfbuild.client.settings import Settings
 from pfbuild.worker.farm.hosts import install as install_host
 from pfbuild.worker.farm.lockwait import start_sweeper
+from pfbuild.worker.farm.publishing import start_publish_sweeper
 from pfbuild.worker.farm.results import ResultStore, SentinelResultStore
 from pfbuild.worker.farm.tasks import register
 from pfbuild.worker.ops.hooks import install as install_ops
@@ -67,12 +68,15 @@ def configure_worker(app: Celery, settings: Settings) -> None:
 
 def sweep_parked_jobs(app: Celery, settings: Settings) -> None:
     """Once ``app``'s worker is ready, sweep the lock wait lists until it shuts down: a
-    job parked on a lock whose holder died is sent again by whichever worker sees it."""
+    job parked on a lock whose holder died is sent again by whichever worker sees it; and
+    this host's publications left pending by a publisher that died are finished."""
     stop = threading.Event()
 
     def on_ready(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:
             start_sweeper(app, settings, stop)
+            # and publications a publisher that died left pending (farm/publishing.py)
+            start_publish_sweeper(app, settings, stop)
 
     def on_shutdown(**_: Any) -> None:
         stop.set()

@@ -10,6 +10,10 @@ context digest label against the request's code) before anything starts. The far
 worker answers a hit the same way, before any lock or record; everything else (a miss, a
 forced rebuild, a tarball or registry copy to fetch) goes through the embedded queue,
 under the profile lock.
+
+A new image is published (its tarball saved) by a process of its own, started once the
+answer is stored, which outlives the command (``Settings.publish_detached``; see
+docs/design.md, "Publishing"): the command exits as soon as it has printed its answer.
 """
 
 from __future__ import annotations
@@ -40,9 +44,15 @@ def answer_hit(settings: Settings, request: BuildRequest) -> BuildAnswer | None:
     from pfbuild.worker.build.resolve import resolve_request
     from pfbuild.worker.engine import engine_from_settings
     from pfbuild.worker.pipeline import reuse_local
+    from pfbuild.worker.publish import Pending, spawn_detached
+
+    def finish(pending: Pending) -> None:
+        # a publication of this very image that a killed publisher left pending: a
+        # process of its own finishes it, as after a build, and the command exits
+        spawn_detached(pending, settings.publish_niceness)
 
     resolved = resolve_request(request, settings)
-    return reuse_local(resolved, settings, engine_from_settings(settings))
+    return reuse_local(resolved, settings, engine_from_settings(settings), handoff=finish)
 
 
 @contextmanager
@@ -69,8 +79,11 @@ def embedded_farm(settings: Settings, concurrency: int = 2) -> Iterator[str]:
     from pfbuild.worker.celery_app import create_app
 
     with fake_redis_server() as url:
-        # no metrics endpoint nor periodic collection for a one-shot, in-process farm
-        quiet = settings.model_copy(update={"metrics_port": 0, "gc_interval_seconds": 0})
+        # no metrics endpoint nor periodic collection for a one-shot, in-process farm; a
+        # new image is published by a process of its own, which outlives the command
+        quiet = settings.model_copy(
+            update={"metrics_port": 0, "gc_interval_seconds": 0, "publish_detached": True}
+        )
         app = create_app(quiet, url)
         worker = start_worker(
             app,

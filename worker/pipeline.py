@@ -5,10 +5,11 @@
   saved tarball streamed into the engine;
 - **build**: the Dockerfile built on the engine, climbing the retry ladder
   (:mod:`pfbuild.worker.build.ladder`);
-- **publish**: the new image saved as a tarball and pushed to the registry for other
-  hosts, then the manifest and the answer.
+- **publish**: the new image pushed to the registry and saved as a tarball for other
+  hosts (:mod:`pfbuild.worker.publish`): handed on, to run after the answer, when the
+  caller gives a ``handoff`` (the queue's task), else run before it (``pfbuild build``).
 
-Each step hands the next what it made (the image, the tarball) instead of asking the
+Each step hands the next what it made (the image, the rendered text) instead of asking the
 engine again. The queue's task and ``pfbuild build`` are thin shells around
 :func:`run_build`; the rules are in docs/design.md.
 """
@@ -23,7 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -36,12 +37,14 @@ from pfbuild.client.models import (
     CacheSource,
     JobState,
     Manifest,
+    Publication,
+    PublishKind,
     RegistryInfo,
     TarballInfo,
     Timings,
 )
 from pfbuild.client.settings import Settings
-from pfbuild.worker import layout
+from pfbuild.worker import layout, publish
 from pfbuild.worker.artifacts import atomic_write_text, exclusive_lock
 from pfbuild.worker.build.ladder import LABEL_CONTEXT, LABEL_VARIANT, build_with_ladder
 from pfbuild.worker.build.render import VARIANTS, Variant
@@ -49,21 +52,36 @@ from pfbuild.worker.build.resolve import ResolvedRequest, resolve_request
 from pfbuild.worker.build.run import BuildRun, Progress, no_progress
 from pfbuild.worker.caches import registry, tarball
 from pfbuild.worker.engine import Abort, Engine, ImageInfo
+from pfbuild.worker.publish import Pending
 
-__all__ = ["Progress", "ResolvedRequest", "resolve_request", "reuse_local", "run_build"]
+__all__ = [
+    "Handoff",
+    "Pending",
+    "Progress",
+    "ResolvedRequest",
+    "resolve_request",
+    "reuse_local",
+    "run_build",
+]
+
+# ``handoff(pending)``: takes a new image's publications (and their publish lock) to run
+# once the answer has gone out
+Handoff = Callable[[Pending], None]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Image:
-    """What reuse or build produced: the image, where it came from, its tarball."""
+    """What reuse or build produced: the image, where it came from, its tarball, and
+    what is published of it."""
 
     info: ImageInfo
     source: CacheSource
     variant: Variant
     tarball: TarballInfo | None = None
     registry: RegistryInfo | None = None
+    publications: dict[PublishKind, Publication] = field(default_factory=dict)
 
 
 @functools.cache
@@ -86,6 +104,8 @@ def run_build(
     abort: Abort | None = None,
     timings: Timings | None = None,
     events: list[str] | None = None,
+    handoff: Handoff | None = None,
+    wait_for_publication: bool = True,
 ) -> BuildAnswer:
     """Run the pipeline for one resolved request and return its answer.
 
@@ -95,6 +115,12 @@ def run_build(
     written. ``guard`` is called before every write others will read (the tarball, the
     manifest) and may raise to stop the run; ``timings`` carries stages measured before
     the pipeline (queue, lock), ``events`` what happened to the job before it (a hand-back).
+    A new image's publications go to ``handoff`` once its answer is made (their record
+    says ``pending``), or run before the answer without one. ``wait_for_publication``:
+    first wait for a publication of the profile running on this host (its publish lock);
+    the queue's task does not when its publications run under the profile's Redis lock,
+    which already serialises them, so that a publisher stalled past that lock never holds
+    up the lock's next holder (the fences keep the stalled one from committing).
     """
     started = time.monotonic()
     run = BuildRun(
@@ -114,8 +140,7 @@ def run_build(
         # one run per profile on this host at a time (the queue's Redis lock covers hosts)
         with exclusive_lock(resolved.artifacts / ".lock"):
             _sweep(resolved, older_than=settings.build_time_limit)
-            image = _reuse(run) or _publish(run, _build(run))
-            return _answer(run, image, started)
+            return _reuse_or_build(run, started, handoff, wait_for_publication)
     except requests.RequestException as exc:  # an OSError too, but the engine's fault
         raise EngineUnavailable(f"the Docker engine failed: {exc}") from None
     except OSError as exc:
@@ -130,11 +155,14 @@ def reuse_local(
     worker: str | None = None,
     timings: Timings | None = None,
     events: list[str] | None = None,
+    handoff: Handoff | None = None,
 ) -> BuildAnswer | None:
     """The hit path: the answer if this engine's tag holds this very code, else None.
 
     Takes no lock: it only reads the engine and rewrites this request's own manifest
     (atomically, not fsynced: a crash loses nothing the next hit does not write again).
+    The answer says what is published of the image (the host's publication record); a
+    publication of it left pending by a publisher that died goes to ``handoff``.
     A miss, or a forced rebuild, goes the whole way through :func:`run_build`.
     """
     if resolved.request.force_rebuild:
@@ -155,7 +183,15 @@ def reuse_local(
             if held is None:
                 return None
         resolved.artifacts.mkdir(parents=True, exist_ok=True)
-        return _answer(run, Image(held, "local", _variant_of(held)), started)
+        record = _record_of(run, held)
+        published = {k: p.model_copy() for k, p in record.publications.items()} if record else {}
+        image = Image(held, "local", _variant_of(held), publications=published)
+        answer = _answer(run, image, started)
+        if handoff is not None and record is not None and record.pending:
+            pending = publish.claim(settings, record)  # None while its publisher lives
+            if pending is not None:
+                handoff(pending)
+        return answer
     except requests.RequestException as exc:
         raise EngineUnavailable(f"the Docker engine failed: {exc}") from None
     except OSError as exc:
@@ -285,44 +321,101 @@ def _build(run: BuildRun) -> Image:
     return Image(info, "built", variant)
 
 
-def _publish(run: BuildRun, image: Image) -> Image:
-    """Save a new image's tarball (atomically, the lock's fence in its name) and push it
-    to the registry, for other hosts, only while locked. With a registry, the tarball is
-    optional."""
-    saved = pushed = None
-    if run.settings.tarball_cache or not run.settings.registry:
-        with run.stage(JobState.SAVING_TARBALL):
-            saved = _save_tarball(run)
-    if run.settings.registry:
-        run.guard()  # a run that lost its lock publishes nothing
-        with run.stage(JobState.PUSHING_IMAGE):
-            pushed = registry.publish(
-                run.engine, run.settings, run.resolved.profile_id, run.scan().digest, run.events
-            )
-    return Image(image.info, image.source, image.variant, saved, pushed)
-
-
-def _save_tarball(run: BuildRun) -> TarballInfo | None:
-    """A save the disk refuses (full, read-only) leaves no file behind and does not fail
-    the build: the image is in this engine, and the answer says the tarball was not saved."""
+def _reuse_or_build(
+    run: BuildRun, started: float, handoff: Handoff | None, wait: bool
+) -> BuildAnswer:
+    """Reuse or build, then answer. The image's publications are recorded (pending)
+    before the answer and handed on, or run first when there is no ``handoff``. The
+    profile's publish lock is taken first (waiting, with ``wait``, for a publication of
+    it running on this host; a hit never gets here: it takes no lock)."""
+    plock = publish.lock_of(run.settings, run.resolved.profile_id)
+    plock.acquire(blocking=wait)  # not held: a stalled publisher has it (see run_build)
+    handed = False  # the publish lock goes with the publication handed on
     try:
-        return tarball.save_tarball(
-            run.engine,
-            run.tag,
-            run.resolved.cache_dir,
-            run.resolved.profile_id,
-            level=run.settings.zstd_level,
-            threads=run.settings.zstd_threads,
-            trust=run.trust,
-            guard=run.guard,
+        image = _reuse(run) or _build(run)
+        pending = _to_publish(run, image, plock)
+        if pending is not None and handoff is None:
+            image = _publish_now(run, image, pending)
+            pending = None
+        elif pending is not None:
+            published = {k: p.model_copy() for k, p in pending.record.publications.items()}
+            image = Image(image.info, image.source, image.variant, publications=published)
+        answer = _answer(run, image, started)
+        if pending is not None and handoff is not None:
+            handed = True
+            handoff(pending)
+        return answer
+    finally:
+        if not handed:
+            plock.release()
+
+
+def _to_publish(run: BuildRun, image: Image, plock: publish.PublishLock) -> Pending | None:
+    """What to publish of ``image``, recorded as pending: a new image's registry push
+    and tarball (the tarball optional with a registry), or what a publisher that died
+    left pending of this very image (its lock is ours now)."""
+    settings, profile_id = run.settings, run.resolved.profile_id
+    if image.source == "built":
+        kinds: list[PublishKind] = ["registry"] if settings.registry else []
+        if settings.tarball_cache or not settings.registry:
+            kinds.append("tarball")
+        return publish.begin(
+            settings,
+            profile_id=profile_id,
+            image_id=image.info.id,
+            context_sha256=run.scan().digest,
+            kinds=kinds,
+            cache_dir=run.resolved.cache_dir,
             fence=run.fence,
+            manifest_path=run.resolved.artifacts / layout.MANIFEST,
+            lock=plock,
         )
-    except requests.RequestException:
-        raise  # the engine's fault, not the disk's
-    except OSError as exc:
-        run.events.append(f"tarball not saved (other hosts will build it): {exc}")
-        log.warning("tarball of %s not saved: %s", run.resolved.profile_id, exc)
-        return None
+    record = _record_of(run, image.info) if image.source == "local" else None
+    if record is None or not record.pending or plock.fd is None:
+        return None  # nothing left to publish, or its publisher holds the lock
+    run.events.append("finishing the publication a publisher that died left pending")
+    pending = publish.adopt(settings, record, plock)
+    pending.refence(run.fence)
+    return pending
+
+
+def _record_of(run: BuildRun, info: ImageInfo) -> publish.PublishRecord | None:
+    """This host's publication record of the profile, if it is of this very image."""
+    record = publish.current(run.settings, run.resolved.profile_id)
+    return record if record is not None and record.spec.image_id == info.id else None
+
+
+_STAGE_OF: dict[PublishKind, JobState] = {
+    "tarball": JobState.SAVING_TARBALL,
+    "registry": JobState.PUSHING_IMAGE,
+}
+
+
+def _publish_now(run: BuildRun, image: Image, pending: Pending) -> Image:
+    """Publish before answering (no queue to hand the publication to), only while
+    locked; releases the publish lock."""
+
+    def report(kind: PublishKind, pub: Publication) -> None:
+        stage = _STAGE_OF[kind]
+        if pub.state == "pending":
+            run.progress(stage)
+        elif stage.timing and pub.seconds:
+            setattr(run.timings, stage.timing, getattr(run.timings, stage.timing) + pub.seconds)
+
+    try:
+        done = publish.publish(pending, run.engine, run.settings, guard=run.guard, report=report)
+    finally:
+        pending.release()
+    run.events.extend(pending.events)
+    saved, pushed = done.get("tarball"), done.get("registry")
+    return Image(
+        image.info,
+        image.source,
+        image.variant,
+        saved.tarball if saved else None,
+        pushed.registry if pushed else None,
+        {k: p.model_copy() for k, p in pending.record.publications.items()},
+    )
 
 
 def _manifest(run: BuildRun, image: Image, dockerfile_text: str) -> Manifest:
@@ -341,6 +434,7 @@ def _manifest(run: BuildRun, image: Image, dockerfile_text: str) -> Manifest:
         attempts=run.attempts,
         tarball=image.tarball,
         registry=image.registry,
+        publications=image.publications,
         worker=run.worker,
         docker_host=run.settings.host_id,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -362,6 +456,7 @@ _IMAGE_FACTS = (
     "cache_source",
     "tarball",
     "registry",
+    "publications",
     "docker_host",
     "pfbuild_version",
 )

@@ -174,3 +174,18 @@ def test_every_waiter_wakes_on_the_done_signal_not_the_next_poll(client: BuildCl
     for t in waiters:
         t.join(30)
     assert len(woke) == 3 and max(woke) - signalled < 20
+
+
+def test_status_shows_the_publications_as_the_publisher_last_said(client: BuildClient,
+                                                                  tmp_path: Path) -> None:
+    """The answer's own (pending) until the publisher writes the job's hash, then its."""
+    from pfbuild.client.queue import Keys
+
+    job = client.submit(_req(tmp_path))
+    pending = {"tarball": {"state": "pending", "target": "/c/p+f1.tar.zst"}}
+    client.app.backend.mark_as_done(job.id, {"manifest": {"publications": pending}})
+    assert job.status().publications["tarball"].state == "pending"
+    done = {"state": "done", "target": "/c/p+f1.tar.zst", "seconds": 9.0}
+    client.redis.hset(Keys.publications(job.id), "tarball", json.dumps(done))
+    shown = job.status().publications["tarball"]
+    assert shown.state == "done" and shown.seconds == 9.0

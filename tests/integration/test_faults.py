@@ -6,7 +6,10 @@ unless the fault itself needs a setting (said where it is set).
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -81,6 +84,31 @@ def _until(job: BuildJob, state: JobState, within: float = 180) -> Any:
         assert not st.ready, st
         time.sleep(0.1)
     return st
+
+
+def _saving(cache_dir: Path, answer: Any, within: float = 120) -> None:
+    """Wait until the publisher of ``answer``'s image is saving its tarball: its
+    temporary file is there and growing."""
+    target = Path(str(answer.manifest.publications["tarball"].target))
+    deadline = time.monotonic() + within
+    while True:
+        temps = [p for p in (cache_dir.iterdir() if cache_dir.is_dir() else [])
+                 if p.name.startswith(f".{target.name}.")]
+        if temps and temps[0].stat().st_size > 1024 * 1024:
+            return
+        assert time.monotonic() < deadline and not target.exists(), "no save seen under way"
+        time.sleep(0.02)
+
+
+def _published(job: BuildJob, within: float = 120) -> dict[Any, Any]:
+    """The job's publications once none is pending (they follow its answer)."""
+    deadline = time.monotonic() + within
+    while True:
+        found = job.status().publications
+        if found and not any(p.state == "pending" for p in found.values()):
+            return dict(found)
+        assert time.monotonic() < deadline, found
+        time.sleep(0.2)
 
 
 _GHOST = """
@@ -263,9 +291,6 @@ def test_stalled_holder_never_commits_over_a_newer_one(server: RedisServer,
     the stop is short); a job of the same profile from another repository takes the lock
     and commits its tarball; then SIGCONT. The stalled holder's fence never appears as a
     committed file, and the cache ends with the highest fence's tarball only."""
-    import os
-    import signal
-
     env = _env(server.url, tmp_path, PFBUILD_LOCK_TTL="6")
     _start(workers, ["s1", "s2"], env, tmp_path)
     cache_dir = tmp_path / "shared-cache"
@@ -287,18 +312,21 @@ def test_stalled_holder_never_commits_over_a_newer_one(server: RedisServer,
     with BuildClient(server.url) as client:
         first = client.submit({"repo_dir": str(repo), "profile": profile,
                                "image_cache_dir": str(cache_dir)})
-        st = _until(first, JobState.SAVING_TARBALL)
-        stalled_fence = client.app.backend.get_task_meta(first.id)["result"]["fence"]
-        pid = int(str(st.worker).rsplit(":", 1)[1])
-        os.kill(pid, signal.SIGSTOP)
+        answered = first.result(timeout=600)  # its tarball follows the answer
+        stalled_fence = int(str(answered.manifest.publications["tarball"].target)
+                            .rsplit("+f", 1)[1].split(".")[0])
+        _saving(cache_dir, answered)
+        holder = next(w for w in workers if answered.worker.startswith(f"{w.name}@"))
+        os.killpg(holder.proc.pid, signal.SIGSTOP)  # its publisher and its consumer
         try:
             time.sleep(8)  # past the TTL: the lock is free
             second = client.submit({"repo_dir": str(other), "profile": profile,
                                     "image_cache_dir": str(cache_dir)})
             newer = second.result(timeout=600)
+            _published(second)
         finally:
-            os.kill(pid, signal.SIGCONT)
-        again = first.result(timeout=600)
+            os.killpg(holder.proc.pid, signal.SIGCONT)
+        time.sleep(3)  # the stalled publisher goes on, finds its lock gone, and stops
     stop.set()
     watcher.join(5)
     cleanup_images.append(newer.image_tag)
@@ -306,11 +334,10 @@ def test_stalled_holder_never_commits_over_a_newer_one(server: RedisServer,
 
     fences = [f for f, _ in layout.fenced_tarballs(cache_dir, newer.profile_id)]
     stalled_name = layout.tarball_name(newer.profile_id, stalled_fence)
-    print(f"\nstalled holder: fence {stalled_fence} stopped in saving_tarball for 8 s "
-          f"(TTL 6 s); newer holder committed {Path(str(newer.manifest.tarball.path)).name if newer.manifest.tarball else None}; "
+    print(f"\nstalled holder: fence {stalled_fence} stopped saving its tarball for 8 s "
+          f"(TTL 6 s); newer holder committed fence {fences}; "
           f"the stalled fence's file seen: {stalled_name in seen}; files at the end: "
-          f"{sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith('.'))}; "
-          f"the stalled job was answered from {again.cache_source}")
+          f"{sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith('.'))}")
     assert stalled_name not in seen
     assert len(fences) == 1 and fences[0] > stalled_fence
 
@@ -318,10 +345,11 @@ def test_stalled_holder_never_commits_over_a_newer_one(server: RedisServer,
 def test_full_disk_during_the_tarball_save(server: RedisServer, workers: list[Worker],
                                            repo: Path, tmp_path: Path,
                                            cleanup_images: list[str]) -> None:
-    """The cache folder is a 16 MiB tmpfs: the save runs out of space. The build still
-    answers, saying the tarball was not saved, and the folder holds no torn tarball, no
-    checksum and no temporary file. (That an older tarball and its checksum stay paired
-    is tests/worker/test_fenced_commit.py's, with a failing fsync.)"""
+    """The cache folder is a 16 MiB tmpfs: the save runs out of space. The build answers
+    first (its tarball pending), then its publication says the tarball was not saved and
+    why, and the folder holds no torn tarball, no checksum and no temporary file. (That
+    an older tarball and its checksum stay paired is tests/worker/test_fenced_commit.py's,
+    with a failing fsync.)"""
     small = tmp_path / "small-disk"
     small.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)],
@@ -332,15 +360,21 @@ def test_full_disk_during_the_tarball_save(server: RedisServer, workers: list[Wo
     try:
         _start(workers, ["d1"], _env(server.url, tmp_path), tmp_path)
         with BuildClient(server.url) as client:
-            answer = client.submit({"repo_dir": str(repo), "profile": _profile(repo, "true"),
-                                    "image_cache_dir": str(small)}).result(timeout=600)
-        cleanup_images.append(answer.image_tag)
+            job = client.submit({"repo_dir": str(repo), "profile": _profile(repo, "true"),
+                                 "image_cache_dir": str(small)})
+            answer = job.result(timeout=600)
+            cleanup_images.append(answer.image_tag)
+            assert answer.manifest.publications["tarball"].state == "pending"
+            published = _published(job)
         left = sorted(p.name for p in small.iterdir())
-        events = [e for e in answer.manifest.events if "tarball not saved" in e]
-        print(f"\nfull disk: answer {answer.cache_source}, tarball {answer.manifest.tarball}, "
+        on_disk = json.loads(Path(answer.manifest_path).read_text())
+        events = [e for e in on_disk["events"] if "tarball not saved" in e]
+        print(f"\nfull disk: answer {answer.cache_source}, then the tarball "
+              f"{published['tarball'].state}: {published['tarball'].reason}; "
               f"event {events}; files left {left}")
-        assert answer.cache_source == "built" and answer.manifest.tarball is None and events
-        assert left == []
+        assert answer.cache_source == "built" and published["tarball"].state == "failed"
+        assert "No space left" in str(published["tarball"].reason) and events
+        assert on_disk["tarball"] is None and left == []
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
 
@@ -549,3 +583,58 @@ def test_a_job_parked_on_a_dead_holders_lock_is_woken(server: RedisServer,
           f"6 s, sweep every 2 s); forced job {answer.cache_source}; the holder's job came "
           f"back and answered from {first.cache_source}")
     assert answer.cache_source == "built" and woken < 6 + 2 + 5
+
+
+def test_worker_killed_mid_publish(server: RedisServer, workers: list[Worker], repo: Path,
+                                   tmp_path: Path, docker_engine,  # type: ignore[no-untyped-def]
+                                   cleanup_images: list[str]) -> None:
+    """SIGKILL the worker (with its pool) while it saves the tarball of the profile it
+    has just answered: no tarball is committed, torn or whole. Submitted again to the
+    next worker, the profile is a hit at once, and the publication it finds abandoned is
+    finished there (here by the sweep, once the dead publisher's lock has expired): the
+    tarball lands whole (its sidecar's sha256, then a load after `docker rmi` that gives
+    back the same image id), from the one build there was."""
+    from pfbuild.worker import layout
+    from pfbuild.worker.caches.tarball import find_tarball
+    from tests.hostsupport import BuildCounter
+
+    # the dead publisher's profile lock expires after 10 s (not the default 60 s), and the
+    # sweep looks every 2 s (not 30 s), to keep the test short
+    env = _env(server.url, tmp_path, PFBUILD_LOCK_TTL="10", PFBUILD_PUBLISH_SWEEP_SECONDS="2")
+    [victim] = _start(workers, ["p1"], env, tmp_path)
+    cache = tmp_path / "cache"
+    request = {"repo_dir": str(repo), "profile": _profile(repo, "true"),
+               "image_cache_dir": str(cache)}
+    with BuildCounter(docker_engine) as counter, BuildClient(server.url) as client:
+        first = client.submit(request).result(timeout=600)
+        cleanup_images.append(first.image_tag)
+        _saving(cache, first)
+        victim.kill()
+        killed = time.monotonic()
+        assert layout.fenced_tarballs(cache, first.profile_id) == []  # nothing committed
+        _start(workers, ["p2"], env, tmp_path)
+        again_job = client.submit(request)
+        again = again_job.result(timeout=120)
+        answered_in = time.monotonic() - killed
+        deadline = time.monotonic() + 120
+        while (found := find_tarball(cache, first.profile_id)) is None or \
+                not found.with_name(found.name + ".sha256").exists():
+            assert time.monotonic() < deadline, "the publication was never finished"
+            time.sleep(0.5)
+        landed_in = time.monotonic() - killed
+        sidecar = found.with_name(found.name + ".sha256").read_text().split()[0]
+        import hashlib
+
+        with open(found, "rb") as fh:
+            whole = hashlib.file_digest(fh, "sha256").hexdigest() == sidecar
+        docker_engine.remove(first.image_tag)
+        reloaded = client.submit(request).result(timeout=300)
+        time.sleep(1)  # the last events
+    builds = counter.builds[first.profile_id]
+    print(f"\nworker killed mid-publish: submitted again, answered from {again.cache_source} "
+          f"{answered_in:.1f}s after the kill; the tarball landed {landed_in:.1f}s after it "
+          f"(lock TTL 10 s, sweep 2 s), whole: {whole}; after rmi: {reloaded.cache_source}; "
+          f"builds: {builds}")
+    assert again.cache_source == "local" and again.image_id == first.image_id
+    assert whole and reloaded.cache_source == "tarball"
+    assert reloaded.image_id == first.image_id and builds == 1

@@ -162,3 +162,45 @@ def test_a_host_killed_while_holding_routed_jobs_loses_none(
         assert time.monotonic() < deadline
         time.sleep(0.5)
     assert all(int(r.get(Keys.starts(j.id)) or 0) <= 2 for j in jobs)
+
+
+def test_a_host_asking_for_a_profile_another_still_publishes_gets_the_publication(
+    farm: dict[str, Any], docker_engine, host_b  # type: ignore[no-untyped-def]
+) -> None:
+    """Host A answers a new profile and publishes it (registry push, then its tarball);
+    host B is asked for the profile while A still publishes: B waits on the profile lock
+    A's publisher holds, and is answered from the registry once the publication has
+    landed. One build in all."""
+    request = _request(farm)
+    with BuildClient(farm["url"]) as client, BuildCounter(docker_engine) as a, \
+            BuildCounter(host_b) as b:
+        req, profile_id = client._prepare(request)
+
+        def send(host: str) -> BuildJob:
+            job_id = str(uuid.uuid4())
+            client.app.send_task(TASK_NAME, task_id=job_id, queue=host_queue(host), kwargs={
+                "request": req.model_dump(mode="json"), "profile_id": profile_id,
+                "submitted_at": time.time()})
+            mark_sent(client.redis, job_id, client.settings)
+            return BuildJob(client, job_id, profile_id)
+
+        job_a = send("host-a")
+        on_a = job_a.result(timeout=600)
+        job_b = send("host-b")
+        asked_while = job_a.status().publications
+        on_b = job_b.result(timeout=600)
+        after = job_a.status().publications
+        time.sleep(1)  # the last events
+    for answer in (on_a, on_b):
+        _keep(farm, answer)
+    print(f"\nhost B asked while A published {dict((k, v.state) for k, v in asked_while.items())}"
+          f"; B answered from {on_b.cache_source}; A's publications then "
+          f"{dict((k, (v.state, v.seconds)) for k, v in after.items())}; builds A "
+          f"{a.builds[profile_id]}, B {b.builds[profile_id]}")
+    assert on_a.cache_source == "built" and on_a.docker_host == "host-a"
+    assert asked_while["tarball"].state == "pending"  # B asked during the publication
+    assert on_b.docker_host == "host-b" and on_b.cache_source == "registry"
+    assert on_b.image_id == on_a.image_id
+    assert all(p.state == "done" for p in after.values()) and set(after) == {"registry",
+                                                                             "tarball"}
+    assert a.builds[profile_id] + b.builds[profile_id] == 1

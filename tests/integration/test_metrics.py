@@ -116,8 +116,16 @@ def test_a_build_a_hit_and_a_failure_are_counted(worker_farm: dict[str, Any], he
                   failure_class=cls) == 1
     assert _value(samples, "pfbuild_stage_seconds_count", stage="build") == 1
     assert _value(samples, "pfbuild_stage_seconds_count", stage="total") == 2
-    assert _value(samples, "pfbuild_tarball_bytes_total", direction="written") > 1_000_000
     assert _value(samples, "pfbuild_jobs_running") == 0
+    # the new image's tarball is saved after its answer, and counted when it lands
+    # (bounded by what a save of the image takes on a loaded machine, not a warm cache)
+    deadline = time.monotonic() + 300
+    while _value(samples, "pfbuild_publishes_total", kind="tarball", outcome="done") < 1:
+        assert time.monotonic() < deadline, "the tarball's publication was never counted"
+        time.sleep(0.5)
+        text, samples = _scrape(worker_farm["port"])
+    assert _value(samples, "pfbuild_publish_seconds_count", kind="tarball") == 1
+    assert _value(samples, "pfbuild_tarball_bytes_total", direction="written") > 1_000_000
     assert ("pfbuild_queue_depth", frozenset({("queue", "pfbuild")})) in samples
 
     # one JSON line per stage change, naming job, profile, host and stage

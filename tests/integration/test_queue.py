@@ -20,6 +20,7 @@ import redis
 from pfbuild.client.errors import BadRequest, PfbuildError
 from pfbuild.client.jobs import BuildClient
 from pfbuild.client.queue import JobState, Keys
+from pfbuild.client.settings import Settings
 from pfbuild.worker.bench.localfarm import RedisServer, Worker
 from tests.fakes import nonce_profile as _profile
 
@@ -135,7 +136,8 @@ def test_states_are_seen_in_order_with_logs(farm: dict[str, Any], repo: Path,
         cleanup_images.append(answer.image_tag)
         lines = list(job.logs())  # a late reader still gets every line
     assert seen == sorted(seen, key=ORDER.index), seen
-    assert {"building", "saving_tarball", "success"} <= set(seen)
+    assert {"building", "success"} <= set(seen)
+    assert "saving_tarball" not in seen  # the answer never waits for its tarball
     assert any(step and total and 0 < step <= total for step, total in steps), steps
     assert any("tick 6" in ln for ln in lines)
     assert any(ln.startswith("Step 1/") for ln in lines)
@@ -340,3 +342,66 @@ def test_embedded_wait_timeout_reports_and_exits_promptly(docker_engine, repo: P
     assert code == 6, out
     assert json.loads(out)["error"]["type"] == "timeout"
     assert time.monotonic() - started < 30  # not the 60 s the build would take
+
+
+def _publisher_pids(record: Path) -> list[int]:
+    """The detached publishers of ``record`` running now (their command line names it)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(record).encode() in cmdline and b"pfbuild.worker.publish" in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_embedded_default_answers_before_its_tarball_and_never_loses_it(  # type: ignore[no-untyped-def]
+        docker_engine, repo: Path, tmp_path: Path, cleanup_images: list[str]) -> None:
+    """`pfbuild submit --wait` with no Redis exits with its answer, the tarball pending;
+    a process of its own saves it after the command has gone. Killed mid-save, it
+    leaves no tarball; the next command (a hit) finishes the publication, and after
+    `docker rmi` a later one loads the tarball: the same image id."""
+    import signal
+
+    from pfbuild.worker import layout
+    from pfbuild.worker.caches.tarball import find_tarball
+
+    env = {"PFBUILD_TMP_DIR": str(tmp_path / "pf-tmp")}
+    (repo / "p.json").write_text(json.dumps(_profile(repo)))
+    request = json.dumps({"repo_dir": str(repo), "profile_path": str(repo / "p.json")})
+    code, out = _cli("submit", "--wait", "--json", env=env, stdin=request)
+    assert code == 0, out
+    first = json.loads(out)
+    cleanup_images.append(first["image_tag"])
+    pub = first["manifest"]["publications"]["tarball"]
+    assert first["cache_source"] == "built" and pub["state"] == "pending"
+    target, cache = Path(pub["target"]), Path(pub["target"]).parent
+    record = tmp_path / "pf-tmp" / "state" / "publications" / Settings().host_id / \
+        f"{first['profile_id']}.json"
+    pids = _publisher_pids(record)
+    assert len(pids) == 1, "no publisher outlived the command"
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(f".{target.name}.") for p in cache.glob(".*")):
+        assert time.monotonic() < deadline and not target.exists()
+        time.sleep(0.02)
+    os.kill(pids[0], signal.SIGKILL)  # mid-save
+    time.sleep(0.5)
+    assert layout.fenced_tarballs(cache, first["profile_id"]) == []  # none, torn or whole
+    code, out = _cli("submit", "--wait", "--json", env=env, stdin=request)
+    hit = json.loads(out)
+    assert code == 0 and hit["cache_source"] == "local"
+    assert hit["manifest"]["publications"]["tarball"]["state"] == "pending"
+    deadline = time.monotonic() + 120
+    while (found := find_tarball(cache, first["profile_id"])) is None or \
+            not found.with_name(found.name + ".sha256").exists():
+        assert time.monotonic() < deadline, "the publication left pending was not finished"
+        time.sleep(0.2)
+    landed = json.loads(record.read_text())["publications"]["tarball"]
+    assert landed["state"] == "done" and landed["target"] == str(found)
+    docker_engine.remove(first["image_tag"])
+    code, out = _cli("submit", "--wait", "--json", env=env, stdin=request)
+    again = json.loads(out)
+    assert code == 0 and again["cache_source"] == "tarball"
+    assert again["image_id"] == first["image_id"]

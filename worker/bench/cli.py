@@ -95,6 +95,36 @@ def bench_cli(
                  [[row[c] for c in columns] for row in rows])
 
 
+@bench_app.command("new-profile")
+def bench_new_profile(
+    ctx: typer.Context,
+    repo: Annotated[Path, typer.Option(help="Repository with a repo_profile.json.")] = Path(
+        "examples/hello"
+    ),
+    rounds: Annotated[int, typer.Option(help="Alternating rounds.")] = 5,
+    python: Annotated[
+        str | None, typer.Option(help="Python whose pfbuild runs the CLI and the worker.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """A new profile through the CLI's embedded default and through a farm, against a bare
+    `docker build` (classic builder) of the same Dockerfile; when its tarball lands."""
+    import sys
+
+    from pfbuild.worker.bench.newprofile import new_profile_bench
+
+    result = new_profile_bench(settings_of(ctx), repo, rounds, python or sys.executable)
+    if as_json:
+        emit({"benchmark": "new-profile", **result})
+        return
+    columns = ["measure", "baseline_s", "pfbuild_s", "ratio", "goal", "met",
+               "tarball_landed_after_answer_s"]
+    _print_table("new profile: pfbuild vs a bare docker build (same run)", columns,
+                 [[row[c] for c in columns] for row in result["rows"]])
+    after = result["after_rmi"]
+    _print_table("after docker rmi", list(after), [list(after.values())])
+
+
 @bench_app.command("digest")
 def bench_digest(
     megabytes: Annotated[int, typer.Option(help="Size of the tree.")] = 200,

@@ -194,13 +194,14 @@ class Worker:
         logdir: Path,
         concurrency: int = 1,
         pool: str = "prefork",
+        python: str = sys.executable,
     ) -> None:
         self.name = name
         self.log = logdir / f"{name}.log"
         self._log_file = open(self.log, "wb")  # noqa: SIM115 (lives as long as the worker)
         self.proc = subprocess.Popen(
             [
-                sys.executable,
+                python,  # another install's pfbuild, to compare two versions
                 "-m",
                 "celery",
                 "-A",

@@ -9,7 +9,9 @@ answered → take the job over (a copy whose job runs elsewhere ends here:
 runs, stopping the build if it is cancelled → take the profile lock (or park on its wait
 list, freeing the worker slot and the broker: :mod:`pfbuild.worker.farm.lockwait`) → count the
 start (redeliveries are capped) → run the pipeline under the lock's watchdog → answer
-(an engine that fails under the build hands the job on, once the lock is released).
+(an engine that fails under the build hands the job on, once the lock is released) → a
+new image's publications, with the lock, go to the process' publisher, which runs them
+once the answer is stored (:mod:`pfbuild.worker.farm.publishing`).
 Every way it can end is a specific error of :mod:`pfbuild.client.errors`, serialised as
 JSON, never a traceback.
 """
@@ -24,7 +26,7 @@ from functools import cached_property
 from typing import Any, NoReturn
 
 import redis
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from celery.states import READY_STATES
 from kombu.exceptions import OperationalError
@@ -53,7 +55,8 @@ from pfbuild.worker.farm.liveness import Heartbeat
 from pfbuild.worker.farm.lock import ProfileLock
 from pfbuild.worker.farm.lockwait import WaitList
 from pfbuild.worker.farm.progress import Reporter
-from pfbuild.worker.pipeline import reuse_local, run_build
+from pfbuild.worker.farm.publishing import Publisher
+from pfbuild.worker.pipeline import Pending, reuse_local, run_build
 
 __all__ = ["register"]
 
@@ -85,6 +88,11 @@ class _Process:
             engine.follow_images(self.settings.image_watch_seconds)
         return engine
 
+    @cached_property
+    def publisher(self) -> Publisher:
+        """Runs the publications of this process' jobs after their answers."""
+        return Publisher(self.app, self.settings, lambda: self.redis, lambda: self.engine)
+
 
 class _Job:
     """One delivery of one build job, as a short list of named steps."""
@@ -99,6 +107,8 @@ class _Job:
         self.started = time.time()
         self.abort = Abort()
         self.worker = f"{task.request.hostname or self.settings.host_id}:{os.getpid()}"
+        # publications to run after the answer, each with the profile lock it keeps held
+        self.handed: list[tuple[Pending, ProfileLock | None]] = []
         self.base: dict[str, Any] = {
             "profile_id": self.profile_id,
             "worker": self.worker,
@@ -165,6 +175,7 @@ class _Job:
                 worker=self.worker,
                 timings=self.timings(),
                 events=events_of(self.kwargs),
+                handoff=lambda pending: self.handed.append((pending, None)),
             )
         except EngineUnavailable as exc:
             self.hand_back_or_raise(exc)
@@ -229,17 +240,30 @@ class _Job:
         )
         while not lock.acquire():
             self.wait_for_lock(lock, reporter)
+        kept = False  # the lock stays held by the publications handed on, if any
         try:
             self.count_start()
             self.base["fence"] = lock.fence
             with lock.watchdog():
                 answer = self.build(resolved, reporter, lock, guard)
                 guard()
+            kept = any(held is lock for _, held in self.handed)
+        except BaseException:
+            self.drop_handed()
+            raise
         finally:
             reporter.close()
-            lock.release()
-            self.wake_waiters()
+            if not kept:
+                lock.release()
+                self.wake_waiters()
         return answer.model_dump(mode="json")
+
+    def drop_handed(self) -> None:
+        """A run that fails publishes nothing: its publications stay pending in their
+        record, for the next job of the profile (or a sweep) to take over."""
+        for pending, _ in self.handed:
+            pending.release()
+        self.handed.clear()
 
     def wake_waiters(self) -> None:
         """Send again the jobs parked on the lock just released (the sweeper would, later)."""
@@ -338,6 +362,9 @@ class _Job:
             abort=self.abort,
             timings=self.timings(),
             events=events_of(self.kwargs),
+            handoff=lambda pending: self.handed.append((pending, lock)),
+            # the profile lock serialises publications, unless they run detached
+            wait_for_publication=self.settings.publish_detached,
         )
 
 
@@ -390,6 +417,10 @@ def register(
         # structured stage line says how the job ended
         resultrepr_maxsize = 120
 
+        def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+            # called once the answer is stored: the job's publications may go
+            proc.publisher.answered(task_id)
+
     @app.task(name=PING_TASK, shared=False)  # type: ignore[untyped-decorator]
     def ping(size: int = 0) -> str:
         """A task that does nothing: the baseline of the benchmarks; its result is ``size``
@@ -398,6 +429,19 @@ def register(
 
     @app.task(bind=True, base=BuildTask, name=TASK_NAME, shared=False)  # type: ignore[untyped-decorator]
     def build(self: Task, **kwargs: Any) -> dict[str, Any]:
-        return _run_job(_Job(self, proc, kwargs))
+        job = _Job(self, proc, kwargs)
+        try:
+            answer = _run_job(job)
+        except BaseException:
+            # no answer to wait for (a cancel after the build, say): publish at once
+            proc.publisher.hand(job.id, job.handed, answered=True)
+            raise
+        proc.publisher.hand(job.id, job.handed)  # they go once the answer is stored
+        return answer
 
+    def publications_land(**_: Any) -> None:
+        proc.publisher.join()  # a process shutting down lets its publications land
+
+    signals.worker_process_shutdown.connect(publications_land, weak=False)
+    signals.worker_shutdown.connect(publications_land, weak=False)
     return build

@@ -15,14 +15,15 @@ from typing import Any
 from celery import Celery, signals
 
 from pfbuild.client.errors import EngineError, PfbuildError
+from pfbuild.client.models import Publication
 from pfbuild.client.queue import TASK_NAME
 from pfbuild.client.redisconn import connect
 from pfbuild.client.settings import Settings
-from pfbuild.worker import oplog
+from pfbuild.worker import oplog, publish
 from pfbuild.worker.farm.farmstate import FarmState
 from pfbuild.worker.ops import metrics as m
 
-__all__ = ["install", "observe_answer", "observe_failure"]
+__all__ = ["install", "observe_answer", "observe_failure", "observe_publication"]
 
 
 def observe_answer(answer: dict[str, Any]) -> None:
@@ -43,6 +44,18 @@ def observe_answer(answer: dict[str, Any]) -> None:
     if registry.get("bytes") and source in ("registry", "built"):
         direction = "read" if source == "registry" else "written"
         metrics.registry_bytes.labels(direction).inc(int(registry["bytes"]))
+
+
+def observe_publication(kind: str, publication: Publication) -> None:
+    """Count a publication that finished (worker/publish.py), its seconds and bytes (a
+    new image's answer goes out before its tarball: its bytes are counted here)."""
+    metrics = m.metrics()
+    metrics.publishes.labels(kind, publication.state).inc()
+    if publication.seconds is not None:
+        metrics.publish_seconds.labels(kind).observe(publication.seconds)
+    if publication.state == "done" and publication.bytes:
+        moved = metrics.tarball_bytes if kind == "tarball" else metrics.registry_bytes
+        moved.labels("written").inc(publication.bytes)
 
 
 def _observe_retries(attempts: list[dict[str, Any]], *, last_failed: bool) -> None:
@@ -182,6 +195,7 @@ def install(app: Celery, settings: Settings) -> None:
     """Connect the operating hooks to ``app``'s build jobs and worker."""
     hooks = _Hooks(app, settings)  # weak=False below: the signals keep it alive
     oplog.configure(settings.log_format)
+    publish.observe(observe_publication)  # once per process, however many apps
     signals.task_prerun.connect(hooks.prerun, weak=False)
     signals.task_postrun.connect(hooks.postrun, weak=False)
     signals.task_success.connect(hooks.success, weak=False)

@@ -51,22 +51,17 @@ class Metrics:
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(name, doc, labels, registry=registry)
 
-        self.jobs = counter(
-            "pfbuild_jobs",
-            "Jobs finished, by outcome and cache source.",
-            ("outcome", "cache_source"),
-        )
+        def histogram(name: str, doc: str, labels: tuple[str, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=_BUCKETS, registry=registry)
+
+        self.jobs = counter("pfbuild_jobs", "Jobs finished, by outcome and cache source.",
+                            ("outcome", "cache_source"))
         self.failures = counter(
-            "pfbuild_job_failures",
-            "Jobs failed, by error type and failure class.",
+            "pfbuild_job_failures", "Jobs failed, by error type and failure class.",
             ("error_type", "failure_class"),
         )
-        self.stage_seconds = Histogram(
-            "pfbuild_stage_seconds",
-            "Seconds a job spent in each stage.",
-            ("stage",),
-            buckets=_BUCKETS,
-            registry=registry,
+        self.stage_seconds = histogram(
+            "pfbuild_stage_seconds", "Seconds a job spent in each stage.", ("stage",)
         )
         self.running = Gauge(
             "pfbuild_jobs_running",
@@ -74,9 +69,8 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=registry,
         )
-        self.lock_waits = counter(
-            "pfbuild_lock_waits", "Times a job found its profile locked and came back later."
-        )
+        self.lock_waits = counter("pfbuild_lock_waits", "Times a job found its profile "
+                                  "locked and came back later.")
         self.ladder_retries = counter(
             "pfbuild_ladder_retries",
             "Build attempts retried with the next variant, by the "
@@ -94,10 +88,15 @@ class Metrics:
             "layers the other side held already are not counted.",
             ("direction",),
         )
+        self.publishes = counter(
+            "pfbuild_publishes", "Publications of new images finished after their answers, "
+            "by kind (tarball, registry) and outcome (done, failed).", ("kind", "outcome"),
+        )
+        self.publish_seconds = histogram(
+            "pfbuild_publish_seconds", "Seconds each publication of a new image took.", ("kind",)
+        )
         self.engine_errors = counter(
-            "pfbuild_engine_errors",
-            "Jobs ended by a Docker engine error, by type.",
-            ("error_type",),
+            "pfbuild_engine_errors", "Jobs ended by an engine error, by type.", ("error_type",)
         )
         self.gc_removed = counter(
             "pfbuild_gc_removed", "Images and tarballs garbage collected, by kind.", ("kind",)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,7 +72,18 @@ def test_success_returns_the_answer_and_ends_the_flight(url: str, tmp_path: Path
     assert result.state == "SUCCESS" and result.result["cache_source"] == "built"
     assert result.result["docker_host"] == "h" and result.result["manifest"]["worker"]
     assert r.get(kwargs["flight"]) is None
-    assert r.get(Keys.lock(kwargs["profile_id"])) is None  # released
+    # answered before its publication: the tarball is pending, the lock still held for it
+    manifest = result.result["manifest"]
+    assert manifest["tarball"] is None and manifest["publications"]["tarball"]["state"] == "pending"
+    deadline = time.monotonic() + 30  # the fake engine saves in milliseconds
+    while r.get(Keys.lock(kwargs["profile_id"])) is not None:  # released once published
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    published = json.loads(r.hget(Keys.publications("job-3"), "tarball") or b"{}")
+    assert published["state"] == "done" and Path(published["target"]).is_file()
+    on_disk = json.loads(Path(result.result["manifest_path"]).read_text())
+    assert on_disk["publications"]["tarball"]["state"] == "done"
+    assert on_disk["tarball"]["path"] == published["target"]
     assert int(r.get(Keys.starts("job-3")) or 0) == 1
 
 

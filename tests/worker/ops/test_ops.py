@@ -12,13 +12,13 @@ import redis
 
 from pfbuild.client.errors import BuildFailed, EngineUnavailable
 from pfbuild.client.hosts import HostKeys
-from pfbuild.client.models import Actionability, FailureClass, FailureInfo
+from pfbuild.client.models import Actionability, FailureClass, FailureInfo, Publication
 from pfbuild.client.queue import Keys
 from pfbuild.client.settings import Settings
 from pfbuild.worker import oplog
 from pfbuild.worker.farm.farmstate import FarmState
 from pfbuild.worker.ops import metrics as m
-from pfbuild.worker.ops.hooks import observe_answer, observe_failure
+from pfbuild.worker.ops.hooks import observe_answer, observe_failure, observe_publication
 
 _FAILURE = FailureInfo(failure_class=FailureClass.APT_FAILURE,
                        actionability=Actionability.INFRA_ISSUE, remediation="x",
@@ -119,3 +119,16 @@ def test_gc_orders_images_by_the_use_of_their_code() -> None:
     assert _last_use(uses, "p1", ["patchfoundry/p1:abcdefabcdef"], 100.0) == 100.0
     # an image tagged before code tags: the profile's use
     assert _last_use(uses, "p1", ["patchfoundry/p1:latest"], 100.0) == 500.0
+
+
+def test_publications_are_counted_with_their_seconds_and_bytes() -> None:
+    done = _sample("pfbuild_publishes_total", kind="tarball", outcome="done")
+    failed = _sample("pfbuild_publishes_total", kind="registry", outcome="failed")
+    written = _sample("pfbuild_tarball_bytes_total", direction="written")
+    timed = _sample("pfbuild_publish_seconds_count", kind="tarball")
+    observe_publication("tarball", Publication(state="done", seconds=9.5, bytes=4096))
+    observe_publication("registry", Publication(state="failed", seconds=0.1, reason="down"))
+    assert _sample("pfbuild_publishes_total", kind="tarball", outcome="done") == done + 1
+    assert _sample("pfbuild_publishes_total", kind="registry", outcome="failed") == failed + 1
+    assert _sample("pfbuild_tarball_bytes_total", direction="written") == written + 4096
+    assert _sample("pfbuild_publish_seconds_count", kind="tarball") == timed + 1
