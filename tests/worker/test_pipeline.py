@@ -81,6 +81,28 @@ def test_ladder_records_each_attempt(repo: Path, settings: Settings) -> None:
     assert "retrying as 'builder'" in log and "Python.h" in log
 
 
+def test_a_layer_removed_under_a_build_is_built_again_once(repo: Path, settings: Settings) -> None:
+    engine = FakeEngine()
+    tries: list[str] = []
+
+    def flaky(df: str) -> bool:
+        tries.append(df)
+        return len(tries) > 1  # the first attempt lost its parent layer
+
+    engine.build_log = lambda df: ([] if len(tries) > 1 else
+                                   ["ERROR: unknown parent image ID sha256:0f5bd089f82e"])
+    engine.build_ok = flaky
+    answer = run_request(_req(repo), settings, engine)
+    assert [(a.variant, a.ok) for a in answer.attempts] == [("standard", False), ("standard", True)]
+    # twice is not a race: the second loss fails the build
+    tries.clear()
+    engine.build_ok = lambda df: False
+    engine.build_log = lambda df: ["ERROR: unknown parent image ID sha256:0f5bd089f82e"]
+    with pytest.raises(BuildFailed) as info:
+        run_request(_req(repo, force_rebuild=True), settings, engine)
+    assert len(info.value.details["attempts"]) == 2
+
+
 def test_failure_is_classified_logged_and_counted(repo: Path, settings: Settings) -> None:
     engine = FakeEngine()
     engine.build_log = lambda df: ["ERROR: No matching distribution found for pywin32==306"]

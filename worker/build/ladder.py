@@ -10,6 +10,7 @@ another worker's to write.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections import deque
 from typing import IO
@@ -33,6 +34,9 @@ __all__ = [
     "build_with_ladder",
 ]
 
+# the classic builder's words when a parent layer went while a build stood on it
+_LAYER_REMOVED = re.compile(r"unknown parent image ID|failed to set parent sha256:")
+
 # A failed step is at the end of the log; classifying its tail keeps memory bounded.
 _LOG_TAIL_LINES = 20_000
 LABEL_PROFILE = "org.pfbuild.profile_id"
@@ -52,6 +56,7 @@ def build_with_ladder(run: BuildRun, cached: ImageInfo | None) -> tuple[Variant,
     Raises :class:`BuildFailed` when no rung is left, after logging and counting it.
     """
     variant = VARIANTS["standard"]
+    raced = False
     with atomic_file(run.log_path, on_error=_keep_log) as log_file:
         while True:
             outcome, seconds, tail = _attempt(run, variant, cached, log_file)
@@ -62,6 +67,10 @@ def build_with_ladder(run: BuildRun, cached: ImageInfo | None) -> tuple[Variant,
             failure = failures.classify(tail)
             run.attempts.append(_attempt_record(run, variant, seconds, failure))
             nxt = _next_rung(run, variant, tail)
+            if nxt is None and not raced and _LAYER_REMOVED.search(tail):
+                # a cached layer the build stood on was removed under it (an image removed
+                # or collected on this engine meanwhile): the same variant, once more
+                raced, nxt = True, variant
             if nxt is None:
                 _log(
                     log_file,
