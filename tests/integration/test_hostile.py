@@ -465,12 +465,18 @@ def test_a_silent_build_is_stopped_after_the_idle_timeout(docker_engine) -> None
             docker_engine.build(buf, spec, lines.append)
         assert time.monotonic() - started < 60
         assert marker in lines
-        time.sleep(2)  # the engine stops the build when the connection closes
-        ps = subprocess.run(["docker", "ps", "-q", "--filter", "ancestor=python:3.11-slim"],
-                            capture_output=True, text=True)
-        running = [cid for cid in ps.stdout.split()
-                   if marker in subprocess.run(["docker", "inspect", cid],
-                                               capture_output=True, text=True).stdout]
+        # the engine stops the build when the connection closes: its step's container goes
+        # well before its `sleep 120` would end (a loaded engine takes some seconds)
+        deadline = time.monotonic() + 60
+        while True:
+            ps = subprocess.run(["docker", "ps", "-q", "--filter", "ancestor=python:3.11-slim"],
+                                capture_output=True, text=True)
+            running = [cid for cid in ps.stdout.split()
+                       if marker in subprocess.run(["docker", "inspect", cid],
+                                                   capture_output=True, text=True).stdout]
+            if not running or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         assert running == []
     finally:
         docker_engine.remove(tag)
