@@ -145,8 +145,9 @@ def _built_then_hit(compose: Compose, repo: Path, engine: Any) -> None:
         # a compose worker built it (its hostname is its container's short id) and pushed
         # it to the compose registry: the compose farm's settings, not the caller's
         assert answer["worker"].split("@")[-1].split(":")[0] in {c[:12] for c in containers}
-        assert answer["manifest"]["registry"]["reference"].startswith(
-            f"127.0.0.1:{compose.ports['registry']}/")
+        # the push follows the answer: the answer names it, pending, at the compose registry
+        push = answer["manifest"]["publications"]["registry"]
+        assert push["target"].startswith(f"127.0.0.1:{compose.ports['registry']}/")
         # the code's own tag and the profile's newest (pushed once the image is answered)
         code = answer["image_tag"].rpartition(":")[2]
         tags_url = (f"http://127.0.0.1:{compose.ports['registry']}/v2/"
