@@ -30,6 +30,7 @@ from typing import Any
 
 from pfbuild.client.models import BuildAnswer
 from pfbuild.client.settings import Settings
+from pfbuild.worker.bench.localfarm import drop_image
 from pfbuild.worker.caches import tarball
 from pfbuild.worker.engine import DockerEngine
 
@@ -118,15 +119,16 @@ def _fetch_seconds(
     trust = TrustStore(work / "bench-trust")  # the workers' own records are theirs
     pull_s, load_s = [], []
     for a in sample:
-        other.remove(a.image_tag)
+        drop_image(other, a.image_tag)
     for a in sample:
         assert a.manifest.tarball is not None and a.manifest.tarball.sha256
-        trust.record(a.manifest.tarball.sha256, a.image_tag, size=a.manifest.tarball.size)
+        latest = a.image_tag.rpartition(":")[0] + ":latest"  # what a tarball holds
+        trust.record(a.manifest.tarball.sha256, latest, size=a.manifest.tarball.size)
         start = time.perf_counter()
-        tarball.load_tarball(other, Path(a.manifest.tarball.path), a.image_tag, trust=trust)
+        tarball.load_tarball(other, Path(a.manifest.tarball.path), latest, trust=trust)
         load_s.append(time.perf_counter() - start)
     for a in sample:
-        other.remove(a.image_tag)
+        drop_image(other, a.image_tag)
     for a in sample:
         ref = settings.registry_ref(a.profile_id) or ""
         start = time.perf_counter()
@@ -251,6 +253,6 @@ def _cleanup(
     """The bench's images leave both engines and the registry (the base stays)."""
     for a in answers:
         for e in clients.values():
-            e.remove(a.image_tag)
+            drop_image(e, a.image_tag)
         if a.cache_source == "built" and a.manifest.registry is not None:
             _delete(registry, repository, a)

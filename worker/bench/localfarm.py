@@ -14,11 +14,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-__all__ = ["RedisServer", "SentinelSet", "Worker", "free_port"]
+if TYPE_CHECKING:
+    from pfbuild.worker.engine import Engine
+
+__all__ = ["RedisServer", "SentinelSet", "Worker", "drop_image", "free_port"]
 
 
 def free_port() -> int:
@@ -245,3 +248,10 @@ class Worker:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+
+
+def drop_image(engine: Engine, image_tag: str) -> None:
+    """Take an answer's image out of ``engine``: its code tag and its profile's
+    ``:latest`` (the image goes once no tag names it)."""
+    engine.remove(image_tag)
+    engine.remove(image_tag.rpartition(":")[0] + ":latest")

@@ -28,7 +28,7 @@ from typing import Any
 from pfbuild.client.jobs import BuildClient
 from pfbuild.client.profile import parse_profile
 from pfbuild.client.settings import Settings
-from pfbuild.worker.bench.localfarm import RedisServer, Worker
+from pfbuild.worker.bench.localfarm import RedisServer, Worker, drop_image
 from pfbuild.worker.bench.measures import _median, _nonce_profile
 from pfbuild.worker.build.render import VARIANTS, render
 from pfbuild.worker.engine import engine_from_settings
@@ -131,13 +131,13 @@ def _reload(repo: Path, settings: Settings, work: Path, client: BuildClient,
     cache = work / "reload-cache"
     _, first = _cli_submit(repo, profile, cache, python)
     _landed(cache, first["profile_id"], time.perf_counter())
-    engine.remove(first["image_tag"])
+    drop_image(engine, first["image_tag"])
     _, again = _cli_submit(repo, profile, cache, python)
     request = {"repo_dir": str(repo), "profile": _nonce_profile(repo),
                "image_cache_dir": str(work / "farm-cache")}
     built = client.submit(request).result(timeout=1800)
     _landed(work / "farm-cache", built.profile_id, time.perf_counter())
-    engine.remove(built.image_tag)
+    drop_image(engine, built.image_tag)
     back = client.submit(request).result(timeout=1800)
     for tag in (first["image_tag"], built.image_tag):
         _keep(work, tag)
