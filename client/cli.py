@@ -44,9 +44,11 @@ __all__ = [
     "CLIENT_COMMANDS",
     "Extensions",
     "app",
+    "hit_fingerprint",
     "main",
     "parse_request",
     "read_stdin",
+    "remember_hit",
 ]
 
 app = typer.Typer(
@@ -68,6 +70,9 @@ class Extensions:
     # ``embedded_hit(settings, request)``: the answer when the local engine already holds
     # this very code (the pipeline's own hit check), else None: something must be built
     embedded_hit: Callable[[Settings, BuildRequest], BuildAnswer | None] | None = None
+    # ``engine_hit_check(settings, answer)``: how a quick hit tells that the local engine
+    # still holds ``answer``'s image (``client/quickhit.py``); None: not to be remembered
+    engine_hit_check: Callable[[Settings, BuildAnswer], dict[str, Any] | None] | None = None
     loaded: bool = False  # whether the entry points were loaded into this one
 
 
@@ -94,8 +99,40 @@ def parse_request(text: str | bytes, settings: Settings | None = None) -> BuildR
 
 
 def read_stdin(settings: Settings) -> bytes:
-    """stdin as bytes (decoded strictly later), one byte past the limit at most."""
-    return sys.stdin.buffer.read(settings.max_request_bytes + 1)
+    """stdin as bytes (decoded strictly later), one byte past the limit at most; with what
+    the quick hit check read of it first (``client/quickhit.py``)."""
+    from pfbuild.client.quickhit import take_stdin
+
+    limit = settings.max_request_bytes + 1
+    read = take_stdin() or b""
+    if len(read) >= limit:
+        return read[:limit]
+    return read + sys.stdin.buffer.read(limit - len(read))
+
+
+def remember_hit(
+    command: str, raw: bytes | None, fingerprint: str | None, answer: BuildAnswer,
+    check: dict[str, Any] | None,
+) -> None:
+    """Remember a hit for the next identical command (``client/quickhit.py``)."""
+    if raw is None or check is None or answer.cache_source != "local":
+        return
+    from pfbuild.client.quickhit import remember
+
+    remember(command, raw, fingerprint, answer.model_dump(mode="json"), check)
+
+
+def farm_hit_check(answer: BuildAnswer) -> dict[str, Any]:
+    """How a quick hit tells that the farm host that answered still holds the image."""
+    from pfbuild.client.hosts import HostKeys, held_code
+    from pfbuild.client.queue import Keys
+
+    host = answer.docker_host
+    return {
+        "keys": [Keys.stats(), HostKeys.heartbeat(host), HostKeys.codes(host), Keys.uses(host)],
+        "member": held_code(answer.profile_id, answer.image_tag.rpartition(":")[2]),
+        "host": host,
+    }
 
 
 def _read_request(
@@ -104,19 +141,31 @@ def _read_request(
     force: bool,
     cache_dir: str | None,
     settings: Settings,
-) -> BuildRequest:
+) -> tuple[BuildRequest, bytes | None]:
+    """The request, and its bytes when it came on stdin."""
     from pfbuild.client.profile import validate_request
 
     if repo_dir is None:
         if sys.stdin.isatty():
             raise BadRequest("give --repo-dir and --profile, or a request object on stdin")
-        return parse_request(read_stdin(settings), settings)
+        raw = read_stdin(settings)
+        return parse_request(raw, settings), raw
     if profile is None:
         raise BadRequest("--profile is required with --repo-dir")
     data: dict[str, Any] = {"repo_dir": repo_dir, "profile_path": profile, "force_rebuild": force}
     if cache_dir:
         data["image_cache_dir"] = cache_dir
-    return validate_request(data, settings)
+    return validate_request(data, settings), None
+
+
+def hit_fingerprint(settings: Settings, raw: bytes | None) -> str | None:
+    """The checkout's stat fingerprint, before its hit check, when a hit of this request
+    may be remembered (``client/quickhit.py``)."""
+    if raw is None or not settings.client_hits:
+        return None
+    from pfbuild.client.quickhit import checkout_fingerprint
+
+    return checkout_fingerprint(raw)
 
 
 def _watch(job: BuildJob, timeout: float | None, show: bool) -> BuildAnswer:
@@ -188,7 +237,8 @@ def _await(job: BuildJob, timeout: float | None, show: bool, keep_waiting: bool)
 
 
 def _submit_embedded(
-    settings: Settings, request: BuildRequest, timeout: float | None, show: bool
+    settings: Settings, request: BuildRequest, timeout: float | None, show: bool,
+    raw: bytes | None = None,
 ) -> BuildAnswer:
     """No PFBUILD_REDIS_URL: answer a hit on the local engine at once, else build on an
     in-process broker and worker.
@@ -199,8 +249,12 @@ def _submit_embedded(
     something must be built."""
     _load_extensions()
     if EXTENSIONS.embedded_hit is not None:
+        fingerprint = hit_fingerprint(settings, raw)
         answer = EXTENSIONS.embedded_hit(settings, request)
         if answer is not None:
+            if fingerprint is not None and EXTENSIONS.engine_hit_check is not None:
+                check = EXTENSIONS.engine_hit_check(settings, answer)
+                remember_hit("submit", raw, fingerprint, answer, check)
             return answer
     from pfbuild.client.jobs import BuildClient
 
@@ -246,17 +300,18 @@ def submit(
     settings = settings_of(ctx)
     show = not as_json and sys.stderr.isatty()
     try:
-        request = _read_request(repo_dir, profile, force, cache_dir, settings)
+        request, raw = _read_request(repo_dir, profile, force, cache_dir, settings)
         if settings.redis_url is None:
             if not wait:
                 raise BadRequest(
                     "PFBUILD_REDIS_URL is not set: use --wait to build on the "
                     "embedded broker and worker, or point it at the farm's Redis"
                 )
-            answer = _submit_embedded(settings, request, timeout, show)
+            answer = _submit_embedded(settings, request, timeout, show, raw)
         else:
             from pfbuild.client.jobs import BuildClient
 
+            fingerprint = hit_fingerprint(settings, raw) if wait else None
             with BuildClient(settings=settings) as client:
                 job = client.submit(request)
                 if not wait:
@@ -264,6 +319,8 @@ def submit(
                     return
                 keep = wait_for_workers or settings.wait_for_workers
                 answer = _await(job, timeout, show, keep)
+            if fingerprint is not None:
+                remember_hit("submit", raw, fingerprint, answer, farm_hit_check(answer))
     except PfbuildError as exc:
         raise fail(exc) from None
     emit(answer.model_dump(mode="json"))

@@ -5,7 +5,7 @@ gave it and the *stat fingerprint* of the checkout taken just before it submitte
 entry's name, mode, size, mtime, inode and ctime, as git's index keeps them, less
 pfbuild's own output. The next submit of that checkout takes the fingerprint again;
 when it is unchanged, the code is the code the worker digested, and the client asks Redis,
-in one round trip (:data:`_HELD`), whether a live host whose engine answers holds that
+in one round trip (``quickhit.HELD_SCRIPT``), whether a live host whose engine answers holds that
 code's image under its code tag, with the very image id it was answered. If so, that is
 the answer (``cache_source: "local"``, the worker and host of that holder), and the use is
 recorded for garbage collection as a worker would; if not, the request goes to the queue.
@@ -40,30 +40,13 @@ from pfbuild.client.fingerprint import tree_fingerprint
 from pfbuild.client.hosts import HostInfo, HostKeys, held_code
 from pfbuild.client.models import BuildAnswer, Timings
 from pfbuild.client.queue import Keys
+from pfbuild.client.quickhit import HELD_SCRIPT
 
 __all__ = ["KnownHits", "tree_fingerprint"]
 
 _MAX_CHECKOUTS = 10_000
 
 
-# Whether a live host whose engine answers holds the code tag naming the image id, and if
-# so record the use as a worker's answer would (garbage collection orders by it).
-# KEYS: stats, then per candidate host: heartbeat, codes, uses.
-# ARGV: "{profile_id}:{code}", image id, profile id, now. Returns the holder's index.
-_HELD = """
-for i = 2, #KEYS, 3 do
-  local beat = redis.call('get', KEYS[i])
-  if beat and redis.call('hget', KEYS[i + 1], ARGV[1]) == ARGV[2] then
-    local ok, info = pcall(cjson.decode, beat)
-    if ok and type(info) == 'table' and info['engine_ok'] ~= false then
-      redis.call('zadd', KEYS[i + 2], ARGV[4], ARGV[3], ARGV[4], ARGV[1])
-      redis.call('hincrby', KEYS[1], 'source:local', 1)
-      return (i - 2) / 3 + 1
-    end
-  end
-end
-return 0
-"""
 
 
 class KnownHits:
@@ -107,7 +90,7 @@ class KnownHits:
             ]
         member = held_code(known.profile_id, code)
         found = int(
-            client.eval(_HELD, len(keys), *keys, member, known.image_id, known.profile_id,
+            client.eval(HELD_SCRIPT, len(keys), *keys, member, known.image_id, known.profile_id,
                         time.time())
         )
         if not found:

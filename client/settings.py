@@ -327,8 +327,10 @@ class Settings(BaseSettings):
         default=True,
         description="A client answers a hit itself, with no worker round trip, when the "
         "checkout's stat fingerprint is the one it had when a worker answered it, and a "
-        "live host still holds that answer's image under its code tag (client/hits.py). "
-        "Off: every request goes to a worker.",
+        "live host still holds that answer's image under its code tag (client/hits.py); "
+        "and the command line answers a hit it answered before, for an unchanged checkout, "
+        "before it loads itself (client/quickhit.py). Off: every request goes the whole "
+        "way.",
     )
     max_handbacks: int = Field(
         default=2,

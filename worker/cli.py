@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from pfbuild.client.cli import Extensions, parse_request, read_stdin
+from pfbuild.client.cli import (
+    Extensions,
+    hit_fingerprint,
+    parse_request,
+    read_stdin,
+    remember_hit,
+)
 from pfbuild.client.console import emit, fail, settings_of
 from pfbuild.client.errors import PfbuildError
 from pfbuild.client.models import JobState
@@ -54,16 +60,23 @@ def build(ctx: typer.Context) -> None:
     A hit is the pipeline's hit check alone (no lock, as in the farm); anything else runs
     the whole pipeline under the profile's lock on this host."""
     from pfbuild.worker.build.resolve import resolve_request
+    from pfbuild.worker.embedded import engine_hit_check
     from pfbuild.worker.engine import engine_from_settings
     from pfbuild.worker.pipeline import reuse_local, run_build
 
     settings = settings_of(ctx)
     try:
-        resolved = resolve_request(parse_request(read_stdin(settings), settings), settings)
+        raw = read_stdin(settings)
+        resolved = resolve_request(parse_request(raw, settings), settings)
+        fingerprint = hit_fingerprint(settings, raw)  # before the hit check
         engine = engine_from_settings(settings)
-        answer = reuse_local(resolved, settings, engine) or run_build(
-            resolved, settings, engine, progress=_progress_printer()
-        )
+        answer = reuse_local(resolved, settings, engine)
+        if answer is not None:
+            if fingerprint is not None:
+                check = engine_hit_check(settings, answer)
+                remember_hit("build", raw, fingerprint, answer, check)
+        else:
+            answer = run_build(resolved, settings, engine, progress=_progress_printer())
     except PfbuildError as exc:
         raise fail(exc) from None
     emit(answer.model_dump(mode="json"))
@@ -134,7 +147,7 @@ def worker(
 def register(app: typer.Typer, extensions: Extensions) -> None:
     """The ``pfbuild.cli`` entry point: add the worker's commands, lend the embedded farm."""
     from pfbuild.worker.bench.cli import bench_app
-    from pfbuild.worker.embedded import answer_hit, embedded_farm
+    from pfbuild.worker.embedded import answer_hit, embedded_farm, engine_hit_check
 
     app.command()(build)
     app.command("base-image")(base_image)
@@ -143,3 +156,4 @@ def register(app: typer.Typer, extensions: Extensions) -> None:
     app.add_typer(bench_app, name="bench")
     extensions.embedded_farm = embedded_farm
     extensions.embedded_hit = answer_hit
+    extensions.engine_hit_check = engine_hit_check

@@ -21,14 +21,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pfbuild.client.settings import Settings
 
 if TYPE_CHECKING:
     from pfbuild.client.models import BuildAnswer, BuildRequest
 
-__all__ = ["answer_hit", "embedded_farm", "fake_redis_server"]
+__all__ = ["answer_hit", "embedded_farm", "engine_hit_check", "fake_redis_server"]
 
 
 def answer_hit(settings: Settings, request: BuildRequest) -> BuildAnswer | None:
@@ -53,6 +53,30 @@ def answer_hit(settings: Settings, request: BuildRequest) -> BuildAnswer | None:
 
     resolved = resolve_request(request, settings)
     return reuse_local(resolved, settings, engine_from_settings(settings), handoff=finish)
+
+
+def engine_hit_check(settings: Settings, answer: BuildAnswer) -> dict[str, Any] | None:
+    """How the next identical command tells, before it loads itself, that the local engine
+    still holds ``answer``'s image (``client/quickhit.py``): the engine and its API version,
+    and this host's publication record of the profile as it is now. None while a
+    publication of the profile is pending: such a hit is not remembered."""
+    from pfbuild.client.quickhit import file_stat
+    from pfbuild.worker.engine import engine_from_settings
+    from pfbuild.worker.publish import current, record_path
+
+    record = str(record_path(settings, answer.profile_id))
+    record_stat = file_stat(record)  # before it is read: a change after shows next time
+    found = current(settings, answer.profile_id)
+    if found is not None and found.pending:
+        return None
+    engine = engine_from_settings(settings)
+    return {
+        "engine": settings.docker_host_name(),
+        "api_version": engine.api.api_version,
+        "record": record,
+        "record_stat": record_stat,
+        "worker": settings.host_id,
+    }
 
 
 @contextmanager

@@ -71,6 +71,7 @@ __all__ = [
     "nice_this_thread",
     "observe",
     "publish",
+    "record_path",
     "spawn_detached",
 ]
 
@@ -149,7 +150,7 @@ class PublishLock:
             os.close(fd)
 
 
-def _record_path(settings: Settings, profile_id: str) -> Path:
+def record_path(settings: Settings, profile_id: str) -> Path:
     return settings.publish_dir() / f"{profile_id}.json"
 
 
@@ -203,7 +204,7 @@ def _tarball_path(spec: PublishSpec) -> Path:
 
 def current(settings: Settings, profile_id: str) -> PublishRecord | None:
     """The record of the profile's latest publication on this host, if any."""
-    return _read_record(_record_path(settings, profile_id))
+    return _read_record(record_path(settings, profile_id))
 
 
 def _read_record(path: Path) -> PublishRecord | None:
@@ -247,14 +248,14 @@ def begin(
         spec=spec,
         publications={k: Publication(state="pending", target=targets[k]) for k in kinds},
     )
-    pending = Pending(record, lock, _record_path(settings, profile_id))
+    pending = Pending(record, lock, record_path(settings, profile_id))
     pending.save(first=True)
     return pending
 
 
 def adopt(settings: Settings, record: PublishRecord, lock: PublishLock) -> Pending:
     """``record``'s publications, to run under ``lock`` (held by the caller)."""
-    return Pending(record, lock, _record_path(settings, record.spec.profile_id))
+    return Pending(record, lock, record_path(settings, record.spec.profile_id))
 
 
 def claim(settings: Settings, record: PublishRecord) -> Pending | None:

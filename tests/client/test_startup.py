@@ -13,14 +13,16 @@ import pytest
 
 from pfbuild.client.cli import CLIENT_COMMANDS
 
-# Run the command as the console script does, then say which heavy modules it loaded.
+# Run the command as the console script does, then say which heavy modules it loaded
+# (typer and redis too: a hit answered before the command line loads, client/quickhit.py,
+# loads neither).
 _RUN = """
 import json, sys
-from pfbuild.client.cli import main
+from pfbuild.client.main import main
 code = main(sys.argv[1:])
 heavy = sorted(m for m in sys.modules
                if m.split('.')[0] in ('docker', 'requests', 'urllib3', 'fakeredis', 'celery',
-                                      'kombu')
+                                      'kombu', 'typer', 'redis')
                or m == 'pfbuild.worker' or m.startswith('pfbuild.worker.'))
 sys.stderr.write('\\nLOADED ' + json.dumps(heavy) + '\\n')
 sys.exit(code)
@@ -30,7 +32,7 @@ sys.exit(code)
 def loaded(*args: str, env: dict[str, str], stdin: str = "") -> tuple[int, str, list[str]]:
     """Run ``pfbuild ARGS`` in a fresh interpreter: exit code, stdout, and which of the
     heavy modules (the worker's, the docker SDK, requests, urllib3, fakeredis, celery,
-    kombu) it loaded."""
+    kombu, typer, redis) it loaded."""
     proc = subprocess.run([sys.executable, "-c", _RUN, *args], input=stdin, text=True,
                           capture_output=True, env={**os.environ, **env}, timeout=120)
     marker = proc.stderr.rsplit("\nLOADED ", 1)

@@ -406,3 +406,39 @@ def test_embedded_default_answers_before_its_tarball_and_never_loses_it(  # type
     again = json.loads(out)
     assert code == 0 and again["cache_source"] == "tarball"
     assert again["image_id"] == first["image_id"]
+
+
+def test_a_repeated_farm_hit_is_one_redis_call(farm: dict[str, Any], repo: Path,  # type: ignore[no-untyped-def]
+                                               docker_engine, cleanup_images: list[str]) -> None:
+    """`pfbuild submit --wait` against a farm, the checkout's hit remembered: answered
+    before the command line loads (no typer, no redis-py, no Celery), by one call to Redis,
+    only while the host that answered holds the image; once the image is removed from the
+    engine, the whole way (a worker answers)."""
+    from pfbuild.client.fingerprint import RACY_SECONDS
+    from tests.client.test_startup import loaded
+    from tests.fakes import drop_image
+
+    (repo / "p.json").write_text(json.dumps(_profile(repo)))
+    request = json.dumps({"repo_dir": str(repo), "profile_path": str(repo / "p.json")})
+    env = {"PFBUILD_REDIS_URL": farm["url"], "PFBUILD_TMP_DIR": str(farm["dir"] / "pf-tmp")}
+
+    def submit() -> tuple[dict[str, Any], list[str]]:
+        code, out, heavy = loaded("submit", "--wait", "--json", env=env, stdin=request)
+        assert code == 0, out
+        return json.loads(out), heavy
+
+    built, _ = submit()
+    cleanup_images.append(built["image_tag"])
+    time.sleep(RACY_SECONDS + 0.1)
+    hit, heavy = submit()  # through a worker, remembered
+    assert hit["cache_source"] == "local" and "celery" in heavy
+    quick, heavy = submit()
+    assert not {m.split(".")[0] for m in heavy} & {"typer", "redis", "celery", "kombu"}
+    assert quick["image_id"] == built["image_id"] and quick["cache_source"] == "local"
+    assert quick["docker_host"] == hit["docker_host"] and quick["worker"].endswith(":client")
+
+    drop_image(docker_engine, built["image_tag"])
+    time.sleep(1.0)  # the host's codes follow its engine's events within milliseconds
+    back, heavy = submit()
+    assert "celery" in heavy and back["cache_source"] in ("tarball", "built")
+    assert docker_engine.inspect(back["image_tag"]).id == back["image_id"]
