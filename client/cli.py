@@ -25,7 +25,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Annotated, Any
@@ -65,8 +64,9 @@ app = typer.Typer(
 class Extensions:
     """What the worker package lends the client's commands when it is installed."""
 
-    # ``embedded_farm(settings)`` yields the URL of an in-process broker with a worker
-    embedded_farm: Callable[[Settings], AbstractContextManager[str]] | None = None
+    # ``embedded_run(settings, request, show)``: run the pipeline here for a request no
+    # hit answered (``show``: progress on the terminal); its answer
+    embedded_run: Callable[[Settings, BuildRequest, bool], BuildAnswer] | None = None
     # ``embedded_hit(settings, request)``: the answer when the local engine already holds
     # this very code (the pipeline's own hit check), else None: something must be built
     embedded_hit: Callable[[Settings, BuildRequest], BuildAnswer | None] | None = None
@@ -240,41 +240,62 @@ def _submit_embedded(
     settings: Settings, request: BuildRequest, timeout: float | None, show: bool,
     raw: bytes | None = None,
 ) -> BuildAnswer:
-    """No PFBUILD_REDIS_URL: answer a hit on the local engine at once, else build on an
-    in-process broker and worker.
+    """No PFBUILD_REDIS_URL: answer a hit on the local engine at once, else run the
+    pipeline in this process (``worker/embedded.py``).
 
     The hit is the pipeline's own hit check (profile, context digest, the image's labels),
-    which takes no lock, as in the farm; anything else (a miss, a forced rebuild) goes
-    through the queue under the profile lock, so the broker and worker start only when
-    something must be built."""
+    which takes no lock, as in the farm; anything else (a miss, a forced rebuild) runs
+    under the profile's file lock on this host, as ``pfbuild build`` does, and is answered
+    once its image is on the engine (a process of its own publishes it)."""
     _load_extensions()
-    if EXTENSIONS.embedded_hit is not None:
-        fingerprint = hit_fingerprint(settings, raw)
-        answer = EXTENSIONS.embedded_hit(settings, request)
-        if answer is not None:
-            if fingerprint is not None and EXTENSIONS.engine_hit_check is not None:
-                check = EXTENSIONS.engine_hit_check(settings, answer)
-                remember_hit("submit", raw, fingerprint, answer, check)
-            return answer
-    from pfbuild.client.jobs import BuildClient
-
-    if EXTENSIONS.embedded_farm is None:
+    if EXTENSIONS.embedded_hit is None or EXTENSIONS.embedded_run is None:
         raise BadRequest(
             "PFBUILD_REDIS_URL is not set and the worker is not installed here: point "
             "PFBUILD_REDIS_URL at the farm's Redis, or pip install 'pfbuild[worker]'"
         )
-    with EXTENSIONS.embedded_farm(settings) as url, BuildClient(url, settings) as client:
-        job = client.submit(request)
+    fingerprint = hit_fingerprint(settings, raw)
+    answer = EXTENSIONS.embedded_hit(settings, request)
+    if answer is not None:
+        if fingerprint is not None and EXTENSIONS.engine_hit_check is not None:
+            check = EXTENSIONS.engine_hit_check(settings, answer)
+            remember_hit("submit", raw, fingerprint, answer, check)
+        return answer
+    run = EXTENSIONS.embedded_run
+    limit = settings.wait_timeout if timeout is None else timeout
+    try:
+        return _bounded(lambda: run(settings, request, show), limit)
+    except (JobTimeout, KeyboardInterrupt) as exc:
+        # The build goes on in a thread of this very process, which nothing can
+        # interrupt: report now and leave at once (the engine stops the build when its
+        # connection closes with the process).
+        code = fail(exc).exit_code if isinstance(exc, JobTimeout) else 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _bounded(work: Callable[[], BuildAnswer], limit: float) -> BuildAnswer:
+    """``work()`` in a thread of its own, waited for at most ``limit`` seconds (JobTimeout
+    past it); what it raised is raised here."""
+    import threading
+
+    done: list[BuildAnswer] = []
+    failed: list[BaseException] = []
+
+    def target() -> None:
         try:
-            return _watch(job, timeout, show)
-        except (JobTimeout, KeyboardInterrupt) as exc:
-            # The build goes on in a worker thread of this very process, which nothing
-            # can interrupt: report now and leave at once (the engine stops the build
-            # when its connection closes with the process).
-            code = fail(exc).exit_code if isinstance(exc, JobTimeout) else 130
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            done.append(work())
+        except BaseException as exc:  # handed to the waiting thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=target, name="pfbuild-embedded", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if failed:
+        raise failed[0]
+    if not done:
+        raise JobTimeout(f"no answer after {limit}s: the build was still running")
+    return done[0]
 
 
 @app.command()

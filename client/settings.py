@@ -180,9 +180,9 @@ class Settings(BaseSettings):
     publish_detached: bool = Field(
         default=False,
         description="Publish each new image (tarball, registry push) from a process of "
-        "its own that outlives the worker, instead of a thread of the worker's. The "
-        "embedded farm of `pfbuild submit --wait` sets it, so the command exits as soon as "
-        "it has its answer.",
+        "its own that outlives the worker, instead of a thread of the worker's (as the "
+        "embedded default of `pfbuild submit --wait` always does, so the command exits as "
+        "soon as it has its answer).",
     )
     publish_niceness: int = Field(
         default=10,

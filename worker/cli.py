@@ -145,15 +145,18 @@ def worker(
 
 
 def register(app: typer.Typer, extensions: Extensions) -> None:
-    """The ``pfbuild.cli`` entry point: add the worker's commands, lend the embedded farm."""
+    """The ``pfbuild.cli`` entry point: add the worker's commands, lend the embedded
+    default's parts."""
     from pfbuild.worker.bench.cli import bench_app
-    from pfbuild.worker.embedded import answer_hit, embedded_farm, engine_hit_check
+    from pfbuild.worker.embedded import answer_hit, engine_hit_check, run_embedded
 
     app.command()(build)
     app.command("base-image")(base_image)
     app.command()(worker)
     app.command()(gc)
     app.add_typer(bench_app, name="bench")
-    extensions.embedded_farm = embedded_farm
+    extensions.embedded_run = lambda settings, request, show: run_embedded(
+        settings, request, _progress_printer() if show else None
+    )
     extensions.embedded_hit = answer_hit
     extensions.engine_hit_check = engine_hit_check

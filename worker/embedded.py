@@ -1,19 +1,16 @@
-"""The embedded default: a broker and a worker inside the calling process.
+"""The embedded default: ``pfbuild submit --wait`` with no ``PFBUILD_REDIS_URL``.
 
-With no ``PFBUILD_REDIS_URL``, ``pfbuild submit --wait`` needs no Redis: fakeredis serves
-the Redis protocol on a loopback port and a threaded Celery worker runs the same task
-code a real worker does, so the README's main command goes through the real queue path.
+A hit needs nothing started: :func:`answer_hit` asks the pipeline's own hit check
+(:func:`pfbuild.worker.pipeline.reuse_local`: the code tag on the local engine, its context
+digest label against the request's code), which takes no lock, as on a farm's worker.
 
-A hit needs none of that: :func:`answer_hit` asks the pipeline's own hit check
-(:func:`pfbuild.worker.pipeline.reuse_local`: the profile's tag on the local engine, its
-context digest label against the request's code) before anything starts. The farm's
-worker answers a hit the same way, before any lock or record; everything else (a miss, a
-forced rebuild, a tarball or registry copy to fetch) goes through the embedded queue,
-under the profile lock.
-
-A new image is published (its tarball saved) by a process of its own, started once the
-answer is stored, which outlives the command (``Settings.publish_detached``; see
-docs/design.md, "Publishing"): the command exits as soon as it has printed its answer.
+Anything else (a miss, a forced rebuild, a tarball to load) runs the pipeline in this
+process (:func:`run_embedded`), as ``pfbuild build`` does: under the profile's file lock on
+this host, which is what makes one build per profile across processes here (a broker in
+the process would be its own and serialise nothing beyond it). Its answer goes out as
+soon as the image is on the engine: a new image is published (its tarball saved) by a
+process of its own, handed the publish lock, which outlives the command (docs/design.md,
+"Publishing").
 """
 
 from __future__ import annotations
@@ -27,8 +24,9 @@ from pfbuild.client.settings import Settings
 
 if TYPE_CHECKING:
     from pfbuild.client.models import BuildAnswer, BuildRequest
+    from pfbuild.worker.build.run import Progress
 
-__all__ = ["answer_hit", "embedded_farm", "engine_hit_check", "fake_redis_server"]
+__all__ = ["answer_hit", "engine_hit_check", "fake_redis_server", "run_embedded"]
 
 
 def answer_hit(settings: Settings, request: BuildRequest) -> BuildAnswer | None:
@@ -53,6 +51,30 @@ def answer_hit(settings: Settings, request: BuildRequest) -> BuildAnswer | None:
 
     resolved = resolve_request(request, settings)
     return reuse_local(resolved, settings, engine_from_settings(settings), handoff=finish)
+
+
+def run_embedded(
+    settings: Settings, request: BuildRequest, progress: Progress | None = None
+) -> BuildAnswer:
+    """What the embedded default does when :func:`answer_hit` found no hit: the whole
+    pipeline here, under the profile's file lock; a new image's publications go to a
+    process of their own as soon as its answer is made (the command exits meanwhile).
+
+    Raises what the pipeline raises (BadRequest, BuildFailed, EngineUnavailable, ...)."""
+    from pfbuild.worker.build.resolve import resolve_request
+    from pfbuild.worker.engine import engine_from_settings
+    from pfbuild.worker.pipeline import run_build
+    from pfbuild.worker.publish import Pending, spawn_detached
+
+    def handoff(pending: Pending) -> None:
+        spawn_detached(pending, settings.publish_niceness)
+
+    from pfbuild.worker.build.run import no_progress
+
+    resolved = resolve_request(request, settings)
+    engine = engine_from_settings(settings)
+    return run_build(resolved, settings, engine, progress=progress or no_progress,
+                     handoff=handoff)
 
 
 def engine_hit_check(settings: Settings, answer: BuildAnswer) -> dict[str, Any] | None:
@@ -93,40 +115,3 @@ def fake_redis_server() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-@contextmanager
-def embedded_farm(settings: Settings, concurrency: int = 2) -> Iterator[str]:
-    """Yield the URL of an in-process Redis with a worker consuming from it."""
-    from celery.contrib.testing.worker import start_worker
-
-    from pfbuild.worker.celery_app import create_app
-
-    with fake_redis_server() as url:
-        # no metrics endpoint nor periodic collection for a one-shot, in-process farm; a
-        # new image is published by a process of its own, which outlives the command
-        quiet = settings.model_copy(
-            update={"metrics_port": 0, "gc_interval_seconds": 0, "publish_detached": True}
-        )
-        app = create_app(quiet, url)
-        worker = start_worker(
-            app,
-            pool="threads",
-            concurrency=concurrency,
-            perform_ping_check=False,
-            loglevel="WARNING",
-            shutdown_timeout=5.0,
-        )
-        worker.__enter__()
-        body_failed = True
-        try:
-            yield url
-            body_failed = False
-        finally:
-            try:
-                worker.__exit__(None, None, None)
-            except RuntimeError:
-                # a build still running in a worker thread (after a timeout or Ctrl-C):
-                # the caller's own error is the one to report; the thread dies with us
-                if not body_failed:
-                    raise
