@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,10 +75,17 @@ def cleanup_images(docker_engine) -> Iterator[list[str]]:  # type: ignore[no-unt
 @pytest.fixture
 def url() -> Iterator[str]:
     """A fake Redis server (fakeredis over TCP) for unit tests of queue logic."""
-    from pfbuild.worker.embedded import fake_redis_server
+    from fakeredis import TcpFakeServer
 
-    with fake_redis_server() as server_url:
-        yield server_url
+    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+    thread = threading.Thread(target=server.serve_forever, name="fake-redis", daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    try:
+        yield f"redis://{host!s}:{port}/0"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # --- many hosts: a second engine and a registry, stood up by .ci/hosts.sh --------------

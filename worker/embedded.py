@@ -15,9 +15,6 @@ process of its own, handed the publish lock, which outlives the command (docs/de
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from pfbuild.client.settings import Settings
@@ -26,7 +23,7 @@ if TYPE_CHECKING:
     from pfbuild.client.models import BuildAnswer, BuildRequest
     from pfbuild.worker.build.run import Progress
 
-__all__ = ["answer_hit", "engine_hit_check", "fake_redis_server", "run_embedded"]
+__all__ = ["answer_hit", "engine_hit_check", "run_embedded"]
 
 
 def answer_hit(settings: Settings, request: BuildRequest) -> BuildAnswer | None:
@@ -99,19 +96,3 @@ def engine_hit_check(settings: Settings, answer: BuildAnswer) -> dict[str, Any] 
         "record_stat": record_stat,
         "worker": settings.host_id,
     }
-
-
-@contextmanager
-def fake_redis_server() -> Iterator[str]:
-    """fakeredis serving the Redis protocol on a free loopback port; yields its URL."""
-    from fakeredis import TcpFakeServer
-
-    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
-    thread = threading.Thread(target=server.serve_forever, name="pfbuild-fake-redis", daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    try:
-        yield f"redis://{host!s}:{port}/0"
-    finally:
-        server.shutdown()
-        server.server_close()
