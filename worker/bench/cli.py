@@ -13,6 +13,22 @@ __all__ = ["bench_app"]
 
 bench_app = typer.Typer(help="Benchmarks that print ratios measured side by side.")
 
+# the options most benches share
+Repo = Annotated[Path, typer.Option(help="Repository with a repo_profile.json.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine output.")]
+HELLO = Path("examples/hello")
+
+
+def _report(name: str, payload: dict[str, Any], as_json: bool, title: str,
+            columns: list[str], rows: list[dict[str, Any]]) -> bool:
+    """The benchmark's JSON (``{"benchmark": name, **payload}``) with ``as_json``, else a
+    table of ``rows``' ``columns``; whether it was JSON."""
+    if as_json:
+        emit({"benchmark": name, **payload})
+        return True
+    _print_table(title, columns, [[row[c] for c in columns] for row in rows])
+    return False
+
 
 def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
@@ -31,7 +47,7 @@ def bench_tarball(
     ctx: typer.Context,
     tag: Annotated[str, typer.Option(help="An image in the engine to save and load.")],
     rounds: Annotated[int, typer.Option(help="Rounds to run.")] = 2,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """pfbuild's zstd tarball save/load vs `docker save`/`docker load`, and peak memory."""
     from pfbuild.worker.bench.measures import tarball_bench
@@ -49,63 +65,47 @@ def bench_tarball(
 @bench_app.command("queue")
 def bench_queue(
     ctx: typer.Context,
-    repo: Annotated[Path, typer.Option(help="Repository with a repo_profile.json.")] = Path(
-        "examples/hello"
-    ),
+    repo: Repo = HELLO,
     rounds: Annotated[int, typer.Option(help="Cache-hit rounds.")] = 20,
     builds: Annotated[int, typer.Option(help="Real-build rounds.")] = 2,
     submits: Annotated[int, typer.Option(help="Concurrent submits of one profile.")] = 50,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """The queue's overhead, on a redis-server and a celery worker it starts itself."""
     from pfbuild.worker.bench.measures import queue_bench
 
     rows = queue_bench(settings_of(ctx), repo, rounds=rounds, builds=builds, submits=submits)
-    if as_json:
-        emit({"benchmark": "queue", "rows": rows})
-        return
-    columns = ["measure", "baseline_s", "pfbuild_s", "ratio", "goal"]
-    _print_table(
-        "queue: pfbuild vs baseline (same run)",
-        columns,
-        [[row[c] for c in columns] for row in rows],
-    )
+    _report("queue", {"rows": rows}, as_json, "queue: pfbuild vs baseline (same run)",
+            ["measure", "baseline_s", "pfbuild_s", "ratio", "goal"], rows)
 
 
 @bench_app.command("cli")
 def bench_cli(
     ctx: typer.Context,
-    repo: Annotated[Path, typer.Option(help="Repository with a repo_profile.json.")] = Path(
-        "examples/hello"
-    ),
+    repo: Repo = HELLO,
     rounds: Annotated[int, typer.Option(help="Alternating rounds.")] = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """A hit through the command line (embedded, `build`, farm) vs the docker SDK script
     and the interpreter's start-up, in alternating rounds of fresh processes."""
     from pfbuild.worker.bench.clibench import cli_bench
 
     rows = cli_bench(settings_of(ctx), repo, rounds)
-    if as_json:
-        emit({"benchmark": "cli", "rows": rows})
-        return
     columns = ["measure", "baseline", "wall_s", "baseline_wall_s", "ratio_wall", "cpu_s",
                "baseline_cpu_s", "ratio_cpu", "goal", "met"]
-    _print_table("cli: a hit through the command line (same run)", columns,
-                 [[row[c] for c in columns] for row in rows])
+    _report("cli", {"rows": rows}, as_json, "cli: a hit through the command line (same run)",
+            columns, rows)
 
 
 @bench_app.command("new-profile")
 def bench_new_profile(
     ctx: typer.Context,
-    repo: Annotated[Path, typer.Option(help="Repository with a repo_profile.json.")] = Path(
-        "examples/hello"
-    ),
+    repo: Repo = HELLO,
     rounds: Annotated[int, typer.Option(help="Alternating rounds.")] = 5,
     python: Annotated[
         str | None, typer.Option(help="Python whose pfbuild runs the CLI and the worker.")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """A new profile through the CLI's embedded default and through a farm, against a bare
     `docker build` (classic builder) of the same Dockerfile; when its tarball lands."""
@@ -114,13 +114,11 @@ def bench_new_profile(
     from pfbuild.worker.bench.newprofile import new_profile_bench
 
     result = new_profile_bench(settings_of(ctx), repo, rounds, python or sys.executable)
-    if as_json:
-        emit({"benchmark": "new-profile", **result})
-        return
     columns = ["measure", "baseline_s", "pfbuild_s", "ratio", "goal", "met",
                "tarball_landed_after_answer_s"]
-    _print_table("new profile: pfbuild vs a bare docker build (same run)", columns,
-                 [[row[c] for c in columns] for row in result["rows"]])
+    if _report("new-profile", result, as_json,
+               "new profile: pfbuild vs a bare docker build (same run)", columns, result["rows"]):
+        return
     after = result["after_rmi"]
     _print_table("after docker rmi", list(after), [list(after.values())])
 
@@ -129,17 +127,13 @@ def bench_new_profile(
 def bench_digest(
     megabytes: Annotated[int, typer.Option(help="Size of the tree.")] = 200,
     files: Annotated[int, typer.Option(help="Files in the tree.")] = 2000,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """The context digest's cost per MB of tree, cold and warm (stat cache)."""
     from pfbuild.worker.bench.measures import digest_bench
 
     rows = digest_bench(megabytes, files)
-    if as_json:
-        emit({"benchmark": "digest", "rows": rows})
-        return
-    columns = list(rows[0])
-    _print_table("context digest", columns, [[row[c] for c in columns] for row in rows])
+    _report("digest", {"rows": rows}, as_json, "context digest", list(rows[0]), rows)
 
 
 @bench_app.command("hosts")
@@ -149,9 +143,7 @@ def bench_hosts(
     registry: Annotated[
         str | None, typer.Option(help="host:port of the registry (default PFBUILD_REGISTRY).")
     ] = None,
-    repo: Annotated[Path, typer.Option(help="Repository with a repo_profile.json.")] = Path(
-        "examples/hello"
-    ),
+    repo: Repo = HELLO,
     profiles: Annotated[int, typer.Option(help="Distinct profiles.")] = 20,
     submits: Annotated[int, typer.Option(help="Submits of each profile.")] = 10,
 ) -> None:
@@ -174,9 +166,7 @@ def bench_hosts(
 @bench_app.command("agents")
 def bench_agents(
     ctx: typer.Context,
-    repo: Annotated[Path, typer.Option(help="Repository with a repo_profile.json.")] = Path(
-        "examples/hello"
-    ),
+    repo: Repo = HELLO,
     processes: Annotated[int, typer.Option(help="Agent processes.")] = 8,
     threads: Annotated[int, typer.Option(help="Agents (threads) per process.")] = 25,
     seconds: Annotated[float, typer.Option(help="Seconds each timed round runs.")] = 20.0,
@@ -184,7 +174,7 @@ def bench_agents(
     host_b: Annotated[
         str | None, typer.Option(help="A second engine: one worker on each (else both here).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Many agents, each its own checkout: pfbuild hits vs a bare Celery task, same workers."""
     from pfbuild.worker.bench.agents import agents_bench
@@ -193,11 +183,7 @@ def bench_agents(
         settings_of(ctx), repo, processes=processes, threads=threads, seconds=seconds,
         rounds=rounds, host_b=host_b,
     )
-    if as_json:
-        emit({"benchmark": "agents", **result})
-        return
     rows = result["rounds"]
-    columns = list(rows[0])
     ratios = "; ".join(
         f"{key[6:]}/bare {', '.join(f'{r:.2f}' for r in value['per_round'])} "
         f"(median {value['median']:.2f})"
@@ -205,4 +191,4 @@ def bench_agents(
         if key.startswith("ratio_")
     )
     title = f"agents: {result['agents']}, workers {result['workers']}; calls/s {ratios}"
-    _print_table(title, columns, [[row[c] for c in columns] for row in rows])
+    _report("agents", result, as_json, title, list(rows[0]), rows)

@@ -19,13 +19,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Generic, TypeVar
 
 from docker.utils.build import exclude_paths
 
+from pfbuild.client import fingerprint
 from pfbuild.client.fingerprint import tree_fingerprint
 from pfbuild.client.inputs import read_bounded
 from pfbuild.worker.layout import EXCLUDED_FROM_CONTEXT
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 __all__ = ["DOCKERFILE_IN_CONTEXT", "BuildContext", "ContextScan", "make_context", "scan_context"]
 
@@ -67,23 +71,40 @@ class ContextScan:
     bytes: int
 
 
+class _Memo(Generic[K, V]):
+    """A dict shared by threads, emptied when it reaches ``limit`` entries: a per-process
+    memo whose worst case is a miss, never a wrong answer or unbounded memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._entries: dict[K, V] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            return self._entries.get(key)
+
+    def put(self, key: K, value: V) -> None:
+        with self._lock:
+            if len(self._entries) >= self.limit:
+                self._entries.clear()
+            self._entries[key] = value
+
+
 class _StatIndex:
     """Content hashes of files keyed by what ``stat`` says of them (as git's index does),
     so an unchanged file is not read again. Per process, bounded; entries modified in the
     last seconds are not kept, since a write within the clock's resolution would not
-    change the stat (git's "racily clean" files)."""
+    change the stat (git's "racily clean" files, ``fingerprint.RACY_SECONDS``)."""
 
     MAX_ENTRIES = 500_000
-    RACY_SECONDS = 2.0
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[tuple[int, int, int, int], str]] = {}
-        self.lock = threading.Lock()
+        self._memo: _Memo[str, tuple[tuple[int, int, int, int], str]] = _Memo(self.MAX_ENTRIES)
 
     def sha256(self, path: str, st: os.stat_result) -> str:
         key = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-        with self.lock:
-            known = self._entries.get(path)
+        known = self._memo.get(path)
         if known is not None and known[0] == key:
             return known[1]
         digest = hashlib.sha256()
@@ -91,11 +112,8 @@ class _StatIndex:
             while chunk := fh.read(_CHUNK):
                 digest.update(chunk)
         value = digest.hexdigest()
-        if time.time() - max(st.st_mtime, st.st_ctime) > self.RACY_SECONDS:
-            with self.lock:
-                if len(self._entries) >= self.MAX_ENTRIES:
-                    self._entries.clear()
-                self._entries[path] = (key, value)
+        if time.time() - max(st.st_mtime, st.st_ctime) > fingerprint.RACY_SECONDS:
+            self._memo.put(path, (key, value))
         return value
 
 
@@ -144,22 +162,17 @@ class _Scans:
     MAX_TREES = 10_000
 
     def __init__(self) -> None:
-        self._kept: dict[Path, tuple[str, ContextScan]] = {}
-        self.lock = threading.Lock()
+        self._memo: _Memo[Path, tuple[str, ContextScan]] = _Memo(self.MAX_TREES)
 
     def scan(self, root: Path) -> ContextScan:
-        fingerprint = tree_fingerprint(str(root))
-        if fingerprint is not None:
-            with self.lock:
-                kept = self._kept.get(root)
-            if kept is not None and kept[0] == fingerprint:
+        seen = tree_fingerprint(str(root))
+        if seen is not None:
+            kept = self._memo.get(root)
+            if kept is not None and kept[0] == seen:
                 return kept[1]
         scan = _scan(root)
-        if fingerprint is not None:
-            with self.lock:
-                if len(self._kept) >= self.MAX_TREES:
-                    self._kept.clear()
-                self._kept[root] = (fingerprint, scan)
+        if seen is not None:
+            self._memo.put(root, (seen, scan))
         return scan
 
 

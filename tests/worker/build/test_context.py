@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pfbuild.worker.build import context
+from pfbuild.client import fingerprint
 from pfbuild.worker.build.context import (
     DOCKERFILE_IN_CONTEXT,
     FIXED_MTIME,
@@ -104,7 +104,7 @@ def test_an_unchanged_file_is_not_read_again(tmp_path: Path, monkeypatch: pytest
     old = 1_000_000_000
     for p in tmp_path.rglob("*"):
         os.utime(p, (old, old), follow_symlinks=False)
-    monkeypatch.setattr(context._StatIndex, "RACY_SECONDS", -1e12)  # ctime is now: trust it
+    monkeypatch.setattr(fingerprint, "RACY_SECONDS", -1e12)  # ctime is now: trust it
     first = scan_context(tmp_path)
     reads: list[str] = []
     real_open = open
@@ -129,8 +129,6 @@ def test_symlinks_stay_links(tmp_path: Path) -> None:
                                     "new file", "link target", "dockerignore"])
 def test_a_tree_seen_before_is_not_scanned_again_until_it_changes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
-    from pfbuild.client import fingerprint
-
     _tree(tmp_path)
     os.symlink("setup.py", tmp_path / "link.py")
     (tmp_path / "setup.py").write_text("abc")
