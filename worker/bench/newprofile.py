@@ -138,6 +138,9 @@ def _reload(repo: Path, settings: Settings, work: Path, client: BuildClient,
     built = client.submit(request).result(timeout=1800)
     _landed(work / "farm-cache", built.profile_id, time.perf_counter())
     drop_image(engine, built.image_tag)
+    # the farm's hosts read the removal from their engine's events: milliseconds later
+    # (docs/design.md, "What a hit means"); a submit within them may still be a hit
+    time.sleep(1.0)
     back = client.submit(request).result(timeout=1800)
     for tag in (first["image_tag"], built.image_tag):
         _keep(work, tag)
