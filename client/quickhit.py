@@ -363,6 +363,9 @@ def quick_main(argv: list[str]) -> int | None:
         _as_hit(answer, worker, holder, time.monotonic() - started)
     except Exception:  # any doubt: the whole way, which reports errors as they should be
         return None
-    sys.stdout.write(json.dumps(answer, indent=2) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(answer, indent=2) + "\n")
+        sys.stdout.flush()
+    except OSError:  # nobody reads the answer (a closed pipe): no traceback for it
+        return 1
     return 0

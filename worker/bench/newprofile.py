@@ -1,9 +1,10 @@
 """``pfbuild bench new-profile``: what an agent waits for a profile no one has built,
 against a bare ``docker build`` (the classic builder) of the same Dockerfile.
 
-Rounds alternate: a bare build, ``pfbuild submit --wait`` with no Redis (the embedded
-default, a process of its own, as an agent runs it), and a submit through a farm of one
-real worker with the client library. Each round's profile is new (a nonce env var), so
+Rounds alternate, in an order rotated from round to round, with a second's pause after
+each: a bare build, ``pfbuild submit --wait`` with no Redis (the embedded default, a
+process of its own, as an agent runs it), and a submit through a farm of one real worker
+with the client library. Each round's profile is new (a nonce env var), so
 the base and apt layers come from the engine's cache and the layers from ``ENV`` on are
 built, as for a real new profile. After each answer the round waits for the image's
 publication to land (the tarball whole, with its sidecar) before the next starts, and
@@ -98,23 +99,42 @@ def _farm(work: Path, python: str) -> Iterator[BuildClient]:
         server.stop()
 
 
+# after each measure, the engine settles (a build's or removal's writes reach the disk)
+# before the next starts, so none pays for the one before it
+_SETTLE = 1.0
+
+
 def _round(work: Path, repo: Path, settings: Settings, client: BuildClient,
-           python: str) -> dict[str, float]:
-    """One alternation: bare, embedded CLI, farm; each on a new profile."""
+           python: str, turn: int) -> dict[str, float]:
+    """One alternation of the bare build, the embedded CLI and the farm, each on a new
+    profile, in an order rotated by ``turn``."""
     fig: dict[str, float] = {}
-    tag = f"pfbuild-bench-bare:{os.getpid()}-{time.time_ns()}"
-    fig["bare"] = _bare_build(repo, _nonce_profile(repo), settings, tag)
-    subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, check=False)
-    cache = work / "cli-cache"
-    fig["cli"], answer = _cli_submit(repo, _nonce_profile(repo), cache, python)
-    fig["cli_landed"] = _landed(cache, answer["profile_id"], time.perf_counter())
-    _keep(work, answer["image_tag"])
-    start = time.perf_counter()
-    got = client.submit({"repo_dir": str(repo), "profile": _nonce_profile(repo),
-                         "image_cache_dir": str(work / "farm-cache")}).result(timeout=1800)
-    fig["farm"] = time.perf_counter() - start
-    fig["farm_landed"] = _landed(work / "farm-cache", got.profile_id, time.perf_counter())
-    _keep(work, got.image_tag)
+
+    def bare() -> None:
+        tag = f"pfbuild-bench-bare:{os.getpid()}-{time.time_ns()}"
+        fig["bare"] = _bare_build(repo, _nonce_profile(repo), settings, tag)
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, check=False)
+
+    def cli() -> None:
+        cache = work / "cli-cache"
+        fig["cli"], answer = _cli_submit(repo, _nonce_profile(repo), cache, python)
+        fig["cli_job"] = answer["timings"]["total"]  # the rest is the command's own
+        fig["cli_landed"] = _landed(cache, answer["profile_id"], time.perf_counter())
+        _keep(work, answer["image_tag"])
+
+    def farm() -> None:
+        start = time.perf_counter()
+        got = client.submit({"repo_dir": str(repo), "profile": _nonce_profile(repo),
+                             "image_cache_dir": str(work / "farm-cache")}).result(timeout=1800)
+        fig["farm"] = time.perf_counter() - start
+        fig["farm_job"] = got.timings.total
+        fig["farm_landed"] = _landed(work / "farm-cache", got.profile_id, time.perf_counter())
+        _keep(work, got.image_tag)
+
+    order = [bare, cli, farm]
+    for measure in order[turn % 3:] + order[:turn % 3]:
+        measure()
+        time.sleep(_SETTLE)
     return fig
 
 
@@ -175,7 +195,8 @@ def new_profile_bench(settings: Settings, repo: Path, rounds: int = 5,
         shutil.copytree(repo, copy, ignore=shutil.ignore_patterns(*EXCLUDED_FROM_CONTEXT))
         try:
             with _farm(work, python) as client:
-                figures = [_round(work, copy, settings, client, python) for _ in range(rounds)]
+                figures = [_round(work, copy, settings, client, python, turn)
+                           for turn in range(rounds)]
                 reload = _reload(copy, settings, work, client, python)
         finally:
             engine = engine_from_settings(settings)
