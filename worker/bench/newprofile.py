@@ -61,7 +61,8 @@ def _cli_submit(repo: Path, profile: dict[str, Any], cache: Path, python: str) -
                           "image_cache_dir": str(cache)})
     env = {k: v for k, v in os.environ.items() if k != "PFBUILD_REDIS_URL"}
     start = time.perf_counter()
-    proc = subprocess.run([python, "-m", "pfbuild.client.cli", "submit", "--wait", "--json"],
+    # as the console script runs it (pfbuild.client.main:run)
+    proc = subprocess.run([python, "-m", "pfbuild.client.main", "submit", "--wait", "--json"],
                           input=request, capture_output=True, text=True, env=env, check=False)
     took = time.perf_counter() - start
     if proc.returncode != 0:
