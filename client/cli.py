@@ -112,14 +112,21 @@ def read_stdin(settings: Settings) -> bytes:
 
 def remember_hit(
     command: str, raw: bytes | None, fingerprint: str | None, answer: BuildAnswer,
-    check: dict[str, Any] | None,
+    check: Callable[[], dict[str, Any] | None],
 ) -> None:
-    """Remember a hit for the next identical command (``client/quickhit.py``)."""
-    if raw is None or check is None or answer.cache_source != "local":
+    """Remember a hit for the next identical command (``client/quickhit.py``); ``check()``
+    says how to tell its image is still held (None: not to be remembered). Best effort:
+    a hit is answered whether or not it could be remembered."""
+    if raw is None or fingerprint is None or answer.cache_source != "local":
         return
     from pfbuild.client.quickhit import remember
 
-    remember(command, raw, fingerprint, answer.model_dump(mode="json"), check)
+    try:
+        how = check()
+        if how is not None:
+            remember(command, raw, fingerprint, answer.model_dump(mode="json"), how)
+    except Exception:  # the answer stands; the next call goes the whole way
+        return
 
 
 def farm_hit_check(answer: BuildAnswer) -> dict[str, Any]:
@@ -165,7 +172,10 @@ def hit_fingerprint(settings: Settings, raw: bytes | None) -> str | None:
         return None
     from pfbuild.client.quickhit import checkout_fingerprint
 
-    return checkout_fingerprint(raw)
+    try:
+        return checkout_fingerprint(raw)
+    except OSError:  # the working directory is gone: nothing to remember
+        return None
 
 
 def _watch(job: BuildJob, timeout: float | None, show: bool) -> BuildAnswer:
@@ -256,9 +266,10 @@ def _submit_embedded(
     fingerprint = hit_fingerprint(settings, raw)
     answer = EXTENSIONS.embedded_hit(settings, request)
     if answer is not None:
-        if fingerprint is not None and EXTENSIONS.engine_hit_check is not None:
-            check = EXTENSIONS.engine_hit_check(settings, answer)
-            remember_hit("submit", raw, fingerprint, answer, check)
+        check = EXTENSIONS.engine_hit_check
+        if check is not None:
+            hit = answer
+            remember_hit("submit", raw, fingerprint, hit, lambda: check(settings, hit))
         return answer
     run = EXTENSIONS.embedded_run
     limit = settings.wait_timeout if timeout is None else timeout
@@ -290,7 +301,7 @@ def _bounded(work: Callable[[], BuildAnswer], limit: float) -> BuildAnswer:
 
     thread = threading.Thread(target=target, name="pfbuild-embedded", daemon=True)
     thread.start()
-    thread.join(limit)
+    thread.join(min(limit, threading.TIMEOUT_MAX))
     if failed:
         raise failed[0]
     if not done:
@@ -341,7 +352,8 @@ def submit(
                 keep = wait_for_workers or settings.wait_for_workers
                 answer = _await(job, timeout, show, keep)
             if fingerprint is not None:
-                remember_hit("submit", raw, fingerprint, answer, farm_hit_check(answer))
+                found = answer
+                remember_hit("submit", raw, fingerprint, found, lambda: farm_hit_check(found))
     except PfbuildError as exc:
         raise fail(exc) from None
     emit(answer.model_dump(mode="json"))

@@ -32,6 +32,7 @@ a URL it does not handle (TLS, Sentinel) goes the whole way, through redis-py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -93,6 +94,13 @@ def _command(argv: list[str]) -> str | None:
     return None
 
 
+def _environment() -> dict[str, str]:
+    """The environment pfbuild reads, its names upper-cased: pydantic-settings reads
+    ``PFBUILD_*`` names in any case."""
+    return {name.upper(): value for name, value in os.environ.items()
+            if name.upper().startswith(_ENV_PREFIXES) or name.upper() == "HOME"}
+
+
 def _mode(command: str, env: dict[str, str]) -> str:
     if command == "submit" and env.get("PFBUILD_REDIS_URL"):
         return "farm"
@@ -105,7 +113,12 @@ def _enabled(env: dict[str, str]) -> bool:
 
 
 def _key(mode: str, raw: bytes, cwd: str, env: dict[str, str]) -> str:
-    digest = hashlib.sha256(f"{_FORMAT}\0{mode}\0{cwd}\0".encode("utf-8", "surrogateescape"))
+    """The memo's name: the mode, this host, the working directory, the environment
+    pfbuild reads (``env``, from :func:`_environment`) and the request's bytes."""
+    host = socket.gethostname()
+    digest = hashlib.sha256(
+        f"{_FORMAT}\0{mode}\0{host}\0{cwd}\0".encode("utf-8", "surrogateescape")
+    )
     for name in sorted(env):
         if name.startswith(_ENV_PREFIXES) or name == "HOME":
             digest.update(f"{name}={env[name]}\0".encode("utf-8", "surrogateescape"))
@@ -149,6 +162,15 @@ def _paths(raw: bytes, cwd: str) -> tuple[str, str] | None:
     return os.path.join(cwd, repo), os.path.join(cwd, profile)
 
 
+def _pending(answer: dict[str, Any]) -> bool:
+    """Whether the answer says a publication is pending: it would be repeated as such."""
+    manifest = answer.get("manifest")
+    publications = manifest.get("publications") if isinstance(manifest, dict) else None
+    return isinstance(publications, dict) and any(
+        isinstance(p, dict) and p.get("state") == "pending" for p in publications.values()
+    )
+
+
 def checkout_fingerprint(raw: bytes) -> str | None:
     """The stat fingerprint of the checkout the request ``raw`` names (None: none to
     trust); taken before a command's hit check, for :func:`remember`."""
@@ -169,9 +191,9 @@ def remember(
     path, "record_stat": its file_stat taken before it was read, "worker": prefix}`` or
     ``{"keys": [...], "member": ..., "host": host_id}``. Best effort: a memo that
     cannot be written is not remembered."""
-    if fingerprint is None or answer.get("cache_source") != "local":
+    if fingerprint is None or answer.get("cache_source") != "local" or _pending(answer):
         return
-    env = dict(os.environ)
+    env = _environment()
     if not _enabled(env):
         return
     cwd = os.getcwd()
@@ -191,15 +213,29 @@ def remember(
     path = _memo_path(repo, _key(_mode(command, env), raw, cwd, env))
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as fh:
+        if not _own_folder(repo):
+            return
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(memo, fh)
         os.replace(tmp, path)
     except OSError:
-        import contextlib  # only on this rare path: every import is start-up here
-
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def _own_folder(repo: str) -> bool:
+    """Make ``{repo}/.pf_manifest/hits`` if need be; whether it and its parent are
+    folders of their own (a link shipped in a checkout could point anywhere)."""
+    folder = repo
+    for name in _MEMO_DIR:
+        folder = os.path.join(folder, name)
+        if not os.path.lexists(folder):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder)
+        if os.path.islink(folder) or not os.path.isdir(folder):
+            return False
+    return True
 
 
 def _recall(command: str, raw: bytes, env: dict[str, str]) -> dict[str, Any] | None:
@@ -210,7 +246,9 @@ def _recall(command: str, raw: bytes, env: dict[str, str]) -> dict[str, Any] | N
         return None
     repo, profile = paths
     try:
-        with open(_memo_path(repo, _key(_mode(command, env), raw, cwd, env)), "rb") as fh:
+        fd = os.open(_memo_path(repo, _key(_mode(command, env), raw, cwd, env)),
+                     os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as fh:
             memo = json.loads(fh.read(_MAX_MEMO))
     except (OSError, ValueError):
         return None
@@ -282,17 +320,17 @@ def _redis_call(url: str, *args: str) -> Any:
     from urllib.parse import parse_qs, unquote, urlsplit
 
     parts = urlsplit(url)
-    if parts.scheme == "redis":
+    if parts.scheme == "redis" and not parts.query:  # ?db=, ?password=: redis-py's
         sock = socket.create_connection((parts.hostname or "localhost", parts.port or 6379),
                                         timeout=_TIMEOUT)
         db = (parts.path or "/0").strip("/") or "0"
-    elif parts.scheme == "unix":
+    elif parts.scheme == "unix" and not set(parse_qs(parts.query)) - {"db"}:
+        db = parse_qs(parts.query).get("db", ["0"])[0]
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(_TIMEOUT)
         sock.connect(parts.path)
-        db = parse_qs(parts.query).get("db", ["0"])[0]
     else:
-        raise _RedisError(f"not handled here: {parts.scheme}")
+        raise _RedisError(f"not handled here: {parts.scheme}:{parts.query}")
     with sock, sock.makefile("rb") as stream:
         commands = []
         if parts.password is not None:
@@ -338,10 +376,13 @@ def quick_main(argv: list[str]) -> int | None:
     global _stdin
     started = time.monotonic()
     command = _command(argv)
-    env = dict(os.environ)
+    env = _environment()
     if command is None or not _enabled(env) or sys.stdin is None or sys.stdin.isatty():
         return None
-    raw = sys.stdin.buffer.read(_MAX_REQUEST + 1)
+    try:
+        raw = sys.stdin.buffer.read(_MAX_REQUEST + 1)
+    except (OSError, ValueError):  # the full command reads it again, and says why it fails
+        return None
     _stdin = raw
     if len(raw) > _MAX_REQUEST:
         return None

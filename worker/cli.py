@@ -72,9 +72,8 @@ def build(ctx: typer.Context) -> None:
         engine = engine_from_settings(settings)
         answer = reuse_local(resolved, settings, engine)
         if answer is not None:
-            if fingerprint is not None:
-                check = engine_hit_check(settings, answer)
-                remember_hit("build", raw, fingerprint, answer, check)
+            hit = answer
+            remember_hit("build", raw, fingerprint, hit, lambda: engine_hit_check(settings, hit))
         else:
             answer = run_build(resolved, settings, engine, progress=_progress_printer())
     except PfbuildError as exc:

@@ -166,3 +166,51 @@ def test_the_held_script_answers_only_a_live_holder_of_that_image(url: str) -> N
     assert client.zscore("uses", "pid:code") == 100.0 and client.hget("stats", "source:local")
     client.set("beat", json.dumps({"engine_ok": False}))
     assert held() == 0  # its engine does not answer
+
+
+def test_an_answer_with_a_publication_pending_is_not_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It would be repeated as pending after the publication ended."""
+    monkeypatch.chdir(tmp_path)
+    repo, raw = _checkout(tmp_path)
+    answer = _answer(repo)
+    answer["manifest"] = {"publications": {"tarball": {"state": "pending"}}}
+    quickhit.remember("submit", raw, quickhit.checkout_fingerprint(raw), answer, {"keys": []})
+    assert quickhit._recall("submit", raw, quickhit._environment()) is None
+    answer["manifest"] = {"publications": {"tarball": {"state": "done"}}}
+    quickhit.remember("submit", raw, quickhit.checkout_fingerprint(raw), answer, {"keys": []})
+    assert quickhit._recall("submit", raw, quickhit._environment()) is not None
+
+
+def test_a_link_in_the_checkout_s_output_folder_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout that ships `.pf_manifest/hits` as a link gets no memo written through it."""
+    monkeypatch.chdir(tmp_path)
+    repo, raw = _checkout(tmp_path)
+    answer = _answer(repo)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (repo / ".pf_manifest" / "hits").symlink_to(elsewhere)
+    quickhit.remember("submit", raw, quickhit.checkout_fingerprint(raw), answer, {"keys": []})
+    assert list(elsewhere.iterdir()) == []
+    assert quickhit._recall("submit", raw, quickhit._environment()) is None
+
+
+def test_settings_names_in_any_case_count(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic-settings reads `pfbuild_client_hits` as `PFBUILD_CLIENT_HITS`: so does this."""
+    _, raw = _remembered(tmp_path, monkeypatch)
+    monkeypatch.setenv("pfbuild_allowed_roots", '["/nowhere"]')
+    assert quickhit._recall("submit", raw, quickhit._environment()) is None  # another key
+    monkeypatch.delenv("pfbuild_allowed_roots")
+    monkeypatch.setenv("pfbuild_client_hits", "false")
+    assert not quickhit._enabled(quickhit._environment())
+
+
+def test_urls_it_does_not_speak_go_the_whole_way(url: str) -> None:
+    for other in (url + "?db=3", url.replace("redis://", "rediss://"),
+                  "unix:///nonexistent.sock?password=x"):
+        with pytest.raises(quickhit._RedisError):
+            quickhit._redis_call(other, "PING")

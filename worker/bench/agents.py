@@ -124,6 +124,12 @@ def _agent_process(kind: str, plan: _Plan, indices: list[int], ready: Any, go: A
                    out: Any) -> None:
     """``len(indices)`` agents on threads; reports their latencies and this process's CPU
     seconds while they ran timed."""
+    # imported once here, before the threads: celery's lazily built module is not safe to
+    # import from many threads at once (one may see it half made)
+    import celery  # noqa: F401
+
+    import pfbuild.client.jobs  # noqa: F401
+
     latencies: list[list[float]] = [[] for _ in indices]
     warmed, started = threading.Barrier(len(indices) + 1), threading.Event()
     threads = [
