@@ -32,6 +32,18 @@ def _repo(root: Path, name: str, marker: str, profile: dict[str, Any]) -> Path:
     return repo
 
 
+def _two_trees(tmp_path: Path) -> tuple[dict[str, Any], Path, Path, dict[str, str]]:
+    """One new profile, two trees of it (A's and B's code), and the embedded default's
+    environment (no PFBUILD_REDIS_URL, a cache folder of the test's own)."""
+    profile = {"install_cmds": ["python -c 'print(open(\"marker.txt\").read())'"],
+               "env": {"PFTEST_NONCE": uuid.uuid4().hex}}
+    a = _repo(tmp_path, "a", "code of A", profile)
+    b = _repo(tmp_path, "b", "code of B", profile)
+    env = {k: v for k, v in os.environ.items() if k != "PFBUILD_REDIS_URL"}
+    env["PFBUILD_TMP_DIR"] = str(tmp_path / "pf-tmp")
+    return profile, a, b, env
+
+
 def _submit(repo: Path, env: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
     """`pfbuild submit --wait --json` through the embedded default; the answer, and the
     heavy modules the process loaded."""
@@ -57,12 +69,7 @@ def _holds(engine: Any, answer: dict[str, Any], marker: str) -> None:
 
 def test_cli_hits_hold_this_code(docker_engine, tmp_path: Path,  # type: ignore[no-untyped-def]
                                  cleanup_images: list[str]) -> None:
-    profile = {"install_cmds": ["python -c 'print(open(\"marker.txt\").read())'"],
-               "env": {"PFTEST_NONCE": uuid.uuid4().hex}}
-    a = _repo(tmp_path, "a", "code of A", profile)
-    b = _repo(tmp_path, "b", "code of B", profile)
-    env = {k: v for k, v in os.environ.items() if k != "PFBUILD_REDIS_URL"}
-    env["PFBUILD_TMP_DIR"] = str(tmp_path / "pf-tmp")
+    _, a, b, env = _two_trees(tmp_path)
 
     first, heavy = _submit(a, env)
     cleanup_images.append(first["image_tag"])
@@ -146,12 +153,7 @@ def test_a_repeated_hit_is_answered_before_the_command_line_loads(  # type: igno
     """The second hit of one checkout loads neither typer nor pydantic's models (only the
     docker SDK, for one call), and answers only while the image under its code tag is the
     one answered, the tree and the profile file unchanged."""
-    profile = {"install_cmds": ["python -c 'print(open(\"marker.txt\").read())'"],
-               "env": {"PFTEST_NONCE": uuid.uuid4().hex}}
-    a = _repo(tmp_path, "a", "code of A", profile)
-    b = _repo(tmp_path, "b", "code of B", profile)
-    env = {k: v for k, v in os.environ.items() if k != "PFBUILD_REDIS_URL"}
-    env["PFBUILD_TMP_DIR"] = str(tmp_path / "pf-tmp")
+    profile, a, b, env = _two_trees(tmp_path)
 
     built, _ = _submit(a, env)
     cleanup_images.append(built["image_tag"])
