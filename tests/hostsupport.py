@@ -9,6 +9,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from types import TracebackType
 from typing import Any
 
 import pytest
+import redis
 
 LABELS = ("org.pfbuild.profile_id", "org.pfbuild.variant", "org.pfbuild.dockerfile_sha256")
 
@@ -134,3 +136,17 @@ def engine_proxy(engine: Any) -> Iterator[EngineProxy]:
     finally:
         proxy.kill()
         shutil.rmtree(short, ignore_errors=True)
+
+
+def index_holds(url: str, member: str, image_id: str | None, timeout: float = 20) -> None:
+    """Wait until the farm's index of held codes says ``member`` names ``image_id`` (None:
+    is not held): hosts record it from their engine's image events."""
+    client = redis.Redis.from_url(url, decode_responses=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {v for k in client.scan_iter("pfbuild:host:*:codes")
+                 if (v := client.hget(k, member)) is not None}
+        if (image_id in found) if image_id else not found:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the index never said {member} -> {image_id}")

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from pfbuild.client.jobs import BuildClient
 from pfbuild.client.models import BuildAnswer, BuildRequest
@@ -21,6 +20,7 @@ from pfbuild.worker.bench.localfarm import RedisServer, Worker
 from pfbuild.worker.engine import DockerEngine
 from tests.conftest import BASE_IMAGE
 from tests.fakes import drop_image, run_request
+from tests.hostsupport import index_holds
 
 pytestmark = pytest.mark.docker
 
@@ -140,20 +140,6 @@ def test_concurrent_submits_of_two_trees_of_one_profile_name_their_own_images(
         assert _marker_in(answer.image_id) == marker
 
 
-def _index_holds(url: str, member: str, image_id: str | None, timeout: float = 20) -> None:
-    """Wait until the farm's index of held codes says ``member`` names ``image_id`` (None:
-    is not held): hosts record it from their engine's image events."""
-    client = redis.Redis.from_url(url, decode_responses=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = {v for k in client.scan_iter("pfbuild:host:*:codes")
-                 if (v := client.hget(k, member)) is not None}
-        if (image_id in found) if image_id else not found:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the index never said {member} -> {image_id}")
-
-
 def test_a_known_hit_is_answered_by_the_client_until_its_image_or_tree_changes(
         farm: str, tmp_path: Path, cleanup_images: list[str]) -> None:
     profile, repo = _profile(), _repo(tmp_path, "c", "code of C")
@@ -163,7 +149,7 @@ def test_a_known_hit_is_answered_by_the_client_until_its_image_or_tree_changes(
         built = client.submit(request).result(timeout=900)
         cleanup_images.append(built.image_tag)
         member = f"{built.profile_id}:{built.image_tag.rpartition(':')[2]}"
-        _index_holds(farm, member, built.image_id)
+        index_holds(farm, member, built.image_id)
         job = client.submit(request)
         hit = job.result(timeout=60)
         assert hit.worker.endswith(":client") and job.status().state.value == "success"
@@ -179,20 +165,20 @@ def test_a_known_hit_is_answered_by_the_client_until_its_image_or_tree_changes(
         time.sleep(2.5)
         client.submit(request).result(timeout=60)  # a worker's hit: the tree is known again
         edited_member = f"{edited.profile_id}:{edited.image_tag.rpartition(':')[2]}"
-        _index_holds(farm, edited_member, edited.image_id)
+        index_holds(farm, edited_member, edited.image_id)
         assert client.submit(request).result(timeout=60).worker.endswith(":client")
 
         # the image removed from the host: never answered as held
         engine = DockerEngine(Settings().docker_host_name())
         drop_image(engine, edited.image_tag)
-        _index_holds(farm, edited_member, None)
+        index_holds(farm, edited_member, None)
         after = client.submit(request).result(timeout=900)
         assert not after.worker.endswith(":client") and after.cache_source == "tarball"
 
         # its code tag moved to another image: not answered from the index either
         engine.tag(BASE_IMAGE, edited.image_tag)
         base_id = engine.inspect(BASE_IMAGE).id  # type: ignore[union-attr]
-        _index_holds(farm, edited_member, base_id)
+        index_holds(farm, edited_member, base_id)
         again = client.submit(request).result(timeout=60)
         assert not again.worker.endswith(":client") and again.image_id == edited.image_id
         assert engine.inspect(edited.image_tag).id == edited.image_id  # type: ignore[union-attr]

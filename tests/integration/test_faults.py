@@ -597,7 +597,7 @@ def test_worker_killed_mid_publish(server: RedisServer, workers: list[Worker], r
     back the same image id), from the one build there was."""
     from pfbuild.worker import layout
     from pfbuild.worker.caches.tarball import find_tarball
-    from tests.hostsupport import BuildCounter
+    from tests.hostsupport import BuildCounter, index_holds
 
     # the dead publisher's profile lock expires after 10 s (not the default 60 s), and the
     # sweep looks every 2 s (not 30 s), to keep the test short
@@ -631,6 +631,10 @@ def test_worker_killed_mid_publish(server: RedisServer, workers: list[Worker], r
         with open(found, "rb") as fh:
             whole = hashlib.file_digest(fh, "sha256").hexdigest() == sidecar
         drop_image(docker_engine, first.image_tag)
+        # hosts read the removal from their engine's events (docs/design.md, "What a hit
+        # means"): a submit before they have may still be answered as a hit
+        member = f"{first.profile_id}:{first.image_tag.rpartition(':')[2]}"
+        index_holds(server.url, member, None)
         reloaded = client.submit(request).result(timeout=300)
         time.sleep(1)  # the last events
     builds = counter.builds[first.profile_id]

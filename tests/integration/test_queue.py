@@ -417,6 +417,7 @@ def test_a_repeated_farm_hit_is_one_redis_call(farm: dict[str, Any], repo: Path,
     from pfbuild.client.fingerprint import RACY_SECONDS
     from tests.client.test_startup import loaded
     from tests.fakes import drop_image
+    from tests.hostsupport import index_holds
 
     (repo / "p.json").write_text(json.dumps(_profile(repo)))
     request = json.dumps({"repo_dir": str(repo), "profile_path": str(repo / "p.json")})
@@ -447,7 +448,9 @@ def test_a_repeated_farm_hit_is_one_redis_call(farm: dict[str, Any], repo: Path,
     assert quick["docker_host"] == hit["docker_host"] and quick["worker"].endswith(":client")
 
     drop_image(docker_engine, built["image_tag"])
-    time.sleep(1.0)  # the host's codes follow its engine's events within milliseconds
+    # the host's codes follow its engine's events within milliseconds
+    index_holds(farm["url"], f"{built['profile_id']}:{built['image_tag'].rpartition(':')[2]}",
+                None)
     back, heavy = submit()
     assert "celery" in heavy and back["cache_source"] in ("tarball", "built")
     assert docker_engine.inspect(back["image_tag"]).id == back["image_id"]
